@@ -1,0 +1,195 @@
+"""Command line: `sld-minimal generate|download|tiny …` (also `python -m sld_minimal …`).
+
+Every bad input ends in one line on stderr and a non-zero exit; `--debug` shows the traceback instead.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_WEIGHTS = Path("weights/stable-diffusion-v1-4")
+REPO_ID = "CompVis/stable-diffusion-v1-4"
+EXIT_USAGE, EXIT_ERROR = 2, 1
+
+
+class UsageError(Exception):
+    """A bad command line, reported as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message over two lines; one line is enough
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def download_files(fp16: bool) -> list:
+    """What `download` takes from the hub: the configs, the tokenizer and the three models' weights — never the
+    safety checker, pickles or EMA/non-EMA extras."""
+    suffix = ".fp16.safetensors" if fp16 else ".safetensors"
+    files = ["model_index.json", "scheduler/*", "tokenizer/*"]
+    for component, stem in (("text_encoder", "model"), ("unet", "diffusion_pytorch_model"),
+                            ("vae", "diffusion_pytorch_model")):
+        files += [f"{component}/config.json", f"{component}/{stem}{suffix}"]
+    return files
+
+
+def download(to: Path, fp16: bool = False, quiet: bool = False) -> Path:
+    """SD 1.4 from the hub into `to` (resumable; HF_TOKEN is honoured). ~4 GB in fp32, ~2 GB in fp16."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+
+    if not quiet:
+        print(f"Downloading {REPO_ID} ({'about 2 GB, fp16' if fp16 else 'about 4 GB'}) to {to}. Its licence "
+              f"(CreativeML OpenRAIL-M) must first be accepted at https://huggingface.co/{REPO_ID} "
+              f"with the account whose token is in HF_TOKEN.", file=sys.stderr)
+    try:
+        snapshot_download(REPO_ID, local_dir=str(to), allow_patterns=download_files(fp16),
+                          token=os.environ.get("HF_TOKEN") or None)
+    except GatedRepoError:
+        raise RuntimeError(f"the hub refused the download: accept the licence at https://huggingface.co/{REPO_ID} "
+                           f"and set HF_TOKEN to a token of that account, then run `sld-minimal download` again") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"could not download {REPO_ID} ({first}); check the network connection (or HF_TOKEN) "
+                           f"and run `sld-minimal download --to {to}` again — it resumes") from None
+    return to
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[name]:
+        raise UsageError(f"--device {name}: no such device on this machine (try --device cpu)")
+    return name
+
+
+def pick_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        name = "fp32" if device == "cpu" else "fp16"
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def output_paths(out: Path, n: int) -> list:
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
+
+
+def cmd_generate(a):
+    from .guidance import Edit, SafetyConfig
+    from .pipeline import StableDiffusion
+
+    if a.safety == "off" and a.safety_concept is not None:
+        raise UsageError("--safety-concept needs a safety preset (it has no effect with --safety off)")
+    out = Path(a.out)
+    existing = [str(p) for p in output_paths(out, a.num_images) if p.exists()]
+    if existing and not a.overwrite:
+        raise UsageError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
+    safety = None if a.safety == "off" else SafetyConfig.preset(a.safety)
+    if safety is not None and a.safety_concept is not None:
+        import dataclasses
+
+        safety = dataclasses.replace(safety, concept=a.safety_concept)
+    edits = [Edit(c, reverse=rev, scale=a.edit_scale, threshold=a.edit_threshold, warmup_steps=a.edit_warmup)
+             for rev, concepts in ((False, a.edit), (True, a.edit_away)) for c in concepts]
+    device = pick_device(a.device)
+    dtype = pick_dtype(a.dtype, device)
+    weights = Path(a.weights)
+    if not weights.exists() and weights == DEFAULT_WEIGHTS:
+        print(f"{weights} not found: downloading Stable Diffusion 1.4 there first.", file=sys.stderr)
+        download(weights, fp16=dtype != __import__("torch").float32, quiet=a.quiet)
+    pipe = StableDiffusion.from_pretrained(weights, device=device, dtype=dtype)
+    result = pipe(a.prompt, negative_prompt=a.negative_prompt, safety=safety, num_inference_steps=a.steps,
+                  guidance_scale=a.guidance, height=a.height, width=a.width, num_images=a.num_images, seed=a.seed,
+                  scheduler=a.scheduler, eta=a.eta, edits=edits, progress=not a.quiet)
+    for p in result.save(out):
+        if not a.quiet:
+            print(f"wrote {p}")
+    if not a.quiet:
+        print(f"seed {result.seed}")
+
+
+def cmd_download(a):
+    download(Path(a.to), fp16=a.fp16)
+    print(f"SD 1.4 is in {a.to}")
+
+
+def cmd_tiny(a):
+    from .tiny import write_checkpoint
+
+    print(f"wrote a random SD 1.x checkpoint ({a.config}) in the published layout to {write_checkpoint(a.dir, a.config)}")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="sld-minimal", description="Safe Latent Diffusion on Stable Diffusion 1.4")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    g = sub.add_parser("generate", help="generate images")
+    g.add_argument("prompt")
+    g.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="SD 1.x folder (downloaded if it is the default and missing)")
+    g.add_argument("--out", default="image.png", help="PNG path; with several images: stem-0.png, stem-1.png, …")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--safety", default="medium", type=str.lower, choices=["off", "weak", "medium", "strong", "max"])
+    g.add_argument("--safety-concept", help="text of the concept SLD steers away from (default: the paper's)")
+    g.add_argument("--negative-prompt")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale s_g")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--height", type=int, default=512)
+    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim"])
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM's η (0 = deterministic)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    g.add_argument("--edit", action="append", default=[], metavar="CONCEPT", help="SEGA: steer toward (repeatable)")
+    g.add_argument("--edit-away", action="append", default=[], metavar="CONCEPT", help="SEGA: steer away (repeatable)")
+    g.add_argument("--edit-scale", type=float, default=5.0)
+    g.add_argument("--edit-threshold", type=float, default=0.9)
+    g.add_argument("--edit-warmup", type=int, default=10)
+    g.add_argument("--quiet", action="store_true")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.set_defaults(run=cmd_generate)
+
+    d = sub.add_parser("download", help=f"download {REPO_ID} (safetensors only)")
+    d.add_argument("--to", default=str(DEFAULT_WEIGHTS))
+    d.add_argument("--fp16", action="store_true", help="the fp16 files (about 2 GB instead of 4)")
+    d.add_argument("--debug", action="store_true", help="show tracebacks")
+    d.set_defaults(run=cmd_download)
+
+    t = sub.add_parser("tiny", help="write a random checkpoint in the published layout (tests, demos, benchmarks)")
+    t.add_argument("dir")
+    t.add_argument("--config", default="tiny", choices=["tiny", "small", "sd14"])
+    t.add_argument("--debug", action="store_true", help="show tracebacks")
+    t.set_defaults(run=cmd_tiny)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        args.run(args)
+        return 0
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"sld-minimal: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sld-minimal: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — every failure becomes one line unless --debug
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"sld-minimal: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
