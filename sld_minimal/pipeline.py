@@ -187,7 +187,8 @@ class StableDiffusion:
                                   for e, p in zip(edits, psis)]
                     term, edit_momentum = G.sega_guidance(eps_u, eps_e, edits, i, edit_momentum,
                                                           edit_momentum_scale, edit_momentum_beta)
-                    eps = eps + term
+                    # without SLD, add in the SEGA reference's order, ε_∅ + (s_g·(ε_p − ε_∅) + term): same bits
+                    eps = eps + term if run_safety else eps_u + (guidance_scale * (eps_p - eps_u) + term)
             latents = sampler.step(eps, t, latents, generator=generator)
             if not torch.isfinite(latents).all():
                 raise FloatingPointError(f"the latents became NaN or infinite at step {i} (timestep {t}); "

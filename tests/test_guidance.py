@@ -471,3 +471,18 @@ def test_inputs_not_modified_in_place():
     sega_guidance(u, es, edits, step=5, momentum=nu_sega)
     sega_guidance(u, es, edits, step=12, momentum=nu_sega)
     assert all(torch.equal(x, y) for x, y in zip((u, p, s, *es, nu_sld, nu_sega), before))
+
+
+def test_safety_term_is_gamma_of_sld_guidance():
+    """γ = μ ⊙ (ε_S − ε_∅) + s_m·ν, the term sld_guidance subtracts (times s_g) after warm-up."""
+    from sld_minimal.guidance import safety_term
+
+    torch.manual_seed(0)
+    e_u, e_p, e_s, nu = (torch.randn(2, 4, 3, 3) * 0.01 for _ in range(4))
+    cfg = SafetyConfig.preset("strong")
+    gamma, mu = safety_term(e_u, e_p, e_s, cfg, nu)
+    assert torch.equal(mu, safety_scale(e_p, e_s, cfg))
+    assert torch.allclose(gamma, mu * (e_s - e_u) + cfg.momentum_scale * nu, atol=0, rtol=1e-6)
+    assert torch.equal(safety_term(e_u, e_p, e_s, cfg)[0], mu * (e_s - e_u))  # ν = None counts as 0
+    eps, _ = sld_guidance(e_u, e_p, e_s, 7.5, cfg, step=cfg.warmup_steps, momentum=nu)
+    assert torch.allclose(cfg_guidance(e_u, e_p, 7.5) - eps, 7.5 * gamma, atol=1e-7)
