@@ -1,4 +1,4 @@
-"""Command line: `sld-minimal generate|download|tiny …` (also `python -m sld_minimal …`).
+"""Command line: `sld-minimal generate|download|tiny|convert …` (also `python -m sld_minimal …`).
 
 Every bad input ends in one line on stderr and a non-zero exit; `--debug` shows the traceback instead.
 """
@@ -100,7 +100,7 @@ def cmd_generate(a):
     if not weights.exists() and weights == DEFAULT_WEIGHTS:
         print(f"{weights} not found: downloading Stable Diffusion 1.4 there first.", file=sys.stderr)
         download(weights, fp16=dtype != __import__("torch").float32, quiet=a.quiet)
-    pipe = StableDiffusion.from_pretrained(weights, device=device, dtype=dtype)
+    pipe = StableDiffusion.from_pretrained(weights, device=device, dtype=dtype, tokenizer=a.tokenizer, ema=a.ema)
     result = pipe(a.prompt, negative_prompt=a.negative_prompt, safety=safety, num_inference_steps=a.steps,
                   guidance_scale=a.guidance, height=a.height, width=a.width, num_images=a.num_images, seed=a.seed,
                   scheduler=a.scheduler, eta=a.eta, edits=edits, progress=not a.quiet)
@@ -122,6 +122,12 @@ def cmd_tiny(a):
     print(f"wrote a random SD 1.x checkpoint ({a.config}) in the published layout to {write_checkpoint(a.dir, a.config)}")
 
 
+def cmd_convert(a):
+    from .layouts import convert
+
+    print(f"wrote {convert(a.src, a.dst, ema=a.ema, tokenizer=a.tokenizer)}")
+
+
 def build_parser() -> Parser:
     p = Parser(prog="sld-minimal", description="Safe Latent Diffusion on Stable Diffusion 1.4")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -129,7 +135,10 @@ def build_parser() -> Parser:
 
     g = sub.add_parser("generate", help="generate images")
     g.add_argument("prompt")
-    g.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="SD 1.x folder (downloaded if it is the default and missing)")
+    g.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+                   help="SD 1.x folder (downloaded if it is the default and missing) or single .safetensors file")
+    g.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (vocab.json, merges.txt) to use instead")
+    g.add_argument("--ema", action="store_true", help="a single file's EMA UNet weights (model_ema.*)")
     g.add_argument("--out", default="image.png", help="PNG path; with several images: stem-0.png, stem-1.png, …")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--safety", default="medium", type=str.lower, choices=["off", "weak", "medium", "strong", "max"])
@@ -165,6 +174,17 @@ def build_parser() -> Parser:
     t.add_argument("--config", default="tiny", choices=["tiny", "small", "sd14"])
     t.add_argument("--debug", action="store_true", help="show tracebacks")
     t.set_defaults(run=cmd_tiny)
+
+    c = sub.add_parser("convert", help="model folder -> one .safetensors file (CompVis layout) or back; no overwriting")
+    c.add_argument("src", help="SD 1.x model folder or single .safetensors file")
+    c.add_argument("dst", help="the other layout: a new .safetensors file, or a new folder")
+    c.add_argument("--ema", action="store_true", help="file -> folder: write the file's EMA UNet (model_ema.*)")
+    c.add_argument("--tokenizer", metavar="DIR", help="file -> folder: copy this tokenizer folder (default: CLIP's)")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    c.set_defaults(run=cmd_convert)
+
+    from . import i2p  # the I2P benchmark's generate/classify/report (sld_minimal/i2p/)
+    i2p.add_parser(sub)
     return p
 
 

@@ -56,14 +56,19 @@ def read_config(cls, path: Path):
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path} is not valid JSON ({e}); download it again") from None
+    return config_from_dict(cls, raw, path)
+
+
+def config_from_dict(cls, raw: dict, source):
+    """`read_config` for a dict already parsed (`source` names where it came from in errors)."""
     if raw.get("use_linear_projection") or isinstance(raw.get("attention_head_dim"), list):
-        raise WeightsError(f"{path} describes an SD 2.x-style UNet; only SD 1.x models are supported")
+        raise WeightsError(f"{source} describes an SD 2.x-style UNet; only SD 1.x models are supported")
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
-        raise WeightsError(f"{path}: {e}") from None
+        raise WeightsError(f"{source}: {e}") from None
 
 
 def weights_file(folder: Path, stem: str) -> Path:
@@ -79,20 +84,24 @@ def weights_file(folder: Path, stem: str) -> Path:
                        f"the model folder is incomplete — download it again (`sld-minimal download`)")
 
 
-def canonical_key(component: str, key: str):
-    """The module attribute path for a file key, or None for a tensor that is skipped."""
+def canonical_key(component: str, key: str, skip: bool = True):
+    """The module attribute path for a file key, or None for a tensor that is skipped (`skip=False`: the aliased
+    key even for those, so that `convert` can carry them over)."""
     for comp, pattern, replacement in LEGACY_ALIASES:
         if comp == component:
             key = re.sub(pattern, replacement, key, count=1)
     skipped = SKIPPED.get(component)
-    return None if skipped and skipped.search(key) else key
+    return None if skip and skipped and skipped.search(key) else key
 
 
-def read_state_dict(path: Path, component: str, expected: dict, device, dtype) -> dict:
-    """Read exactly the tensors a module expects (name -> shape), checked one by one, cast to dtype on device."""
+def read_state_dict(path: Path, component: str, expected: dict, device, dtype, rename=None) -> dict:
+    """Read exactly the tensors a module expects (name -> shape), checked one by one, cast to dtype on device
+    (`dtype=None` keeps the file's). `rename(file key)` gives the module name, None to skip: by default the folder
+    layout's `canonical_key`; `layouts.py` passes the single-file layout's."""
+    rename = rename or (lambda k: canonical_key(component, k))
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = {canonical_key(component, k): k for k in f.keys()}
+            keys = {rename(k): k for k in f.keys()}
             keys.pop(None, None)
             unexpected, missing = sorted(set(keys) - set(expected)), sorted(set(expected) - set(keys))
             if unexpected:
@@ -119,16 +128,22 @@ def read_state_dict(path: Path, component: str, expected: dict, device, dtype) -
 def load_component(folder, component: str, device="cpu", dtype=torch.float32, config=None):
     """Build one model (`text_encoder`, `unet` or `vae`) from `folder/<component>/` strictly, in `dtype` on `device`.
     `config` overrides the folder's config.json (tests use this to shrink nothing but check everything)."""
-    stem, module_cls, config_cls = COMPONENTS[component]
+    stem, _, config_cls = COMPONENTS[component]
     sub = Path(folder) / component
     if not sub.is_dir():
         raise WeightsError(f"{sub} is missing; the model folder is incomplete — download it again (`sld-minimal download`)")
     path = weights_file(sub, stem)
     config = config or read_config(config_cls, sub / "config.json")
+    return build(component, config, lambda expected: read_state_dict(path, component, expected, device, dtype))
+
+
+def build(component: str, config, read):
+    """The module built on `meta` (no memory, no init), then given `read(expected)`: the tensors for exactly the
+    expected names and shapes (`read_state_dict` checks each one), assigned strictly."""
     with torch.device("meta"):
-        model = module_cls(config)
+        model = COMPONENTS[component][1](config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    model.load_state_dict(read_state_dict(path, component, expected, device, dtype), strict=True, assign=True)
+    model.load_state_dict(read(expected), strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -143,10 +158,13 @@ def check_folder(folder) -> Path:
 
 
 def load_tokenizer(folder):
-    """transformers' CLIPTokenizer from `folder/tokenizer` (vocab.json + merges.txt): the only part not written here."""
+    """transformers' CLIPTokenizer from `folder/tokenizer` or `folder` itself (vocab.json + merges.txt): the only part
+    not written here."""
     from transformers import CLIPTokenizer
 
     sub = Path(folder) / "tokenizer"
+    if not sub.is_dir() and (Path(folder) / "vocab.json").is_file():
+        sub = Path(folder)
     for name in ("vocab.json", "merges.txt"):
         if not (sub / name).is_file():
             raise WeightsError(f"{sub / name} is missing; the model folder is incomplete — download it again")
@@ -161,3 +179,29 @@ def load_scheduler_config(folder) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path} is not valid JSON ({e}); download it again") from None
+
+
+def load_model(path, device="cpu", dtype=torch.float32, configs=None, tokenizer=None, ema=False):
+    """(tokenizer, [text_encoder, unet, vae], scheduler config) from a model folder in the published diffusers layout
+    or one `.safetensors` file in the original CompVis layout (`layouts.py`: SD 1.4's configs unless the file carries
+    them, CLIP's tokenizer from `tokenizer.py`). `configs` ({"unet": UNetConfig(…), …}) and `tokenizer` (a folder
+    with vocab.json + merges.txt) replace the model's; `ema` takes a single file's EMA UNet (`model_ema.*`)."""
+    from .layouts import is_single_file, load_single_file
+    from .tokenizer import clip_tokenizer
+
+    configs, order = configs or {}, ("text_encoder", "unet", "vae")
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise WeightsError(f"tokenizer folder {tokenizer} does not exist")
+    if is_single_file(path):
+        models, scheduler_config = load_single_file(path, device, dtype, configs, ema)
+        parts, tok = [models[c] for c in order], load_tokenizer(tokenizer) if tokenizer else clip_tokenizer()
+    elif ema:
+        raise WeightsError(f"{path}: ema=True (--ema) applies to single-file checkpoints only")
+    else:
+        folder = check_folder(path)
+        parts = [load_component(folder, c, device, dtype, configs.get(c)) for c in order]
+        tok, scheduler_config = load_tokenizer(tokenizer or folder), load_scheduler_config(folder)
+    if len(tok) > parts[0].config.vocab_size:  # ids past the embedding table would fail deep inside the model
+        raise WeightsError(f"the tokenizer has {len(tok)} tokens but the text encoder of {path} embeds only "
+                           f"{parts[0].config.vocab_size}; pass this model's tokenizer (tokenizer= / --tokenizer DIR)")
+    return tok, parts, scheduler_config

@@ -17,7 +17,7 @@ import torch
 
 from . import __version__, guidance as G, schedulers
 from .clip import tokenize
-from .loading import check_folder, load_component, load_scheduler_config, load_tokenizer
+from .loading import load_model
 
 SCHEDULERS = ("pndm", "ddim")
 
@@ -83,11 +83,12 @@ class StableDiffusion:
         self._concepts = {}  # concept text -> its embedding (1, 77, d); each concept is encoded once per pipeline
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Load an SD 1.x model folder in the published diffusers layout (safetensors only, strictly)."""
-        folder = check_folder(path)
-        parts = [load_component(folder, c, device, dtype) for c in ("text_encoder", "unet", "vae")]
-        return cls(load_tokenizer(folder), *parts, load_scheduler_config(folder), name=str(path))
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, configs=None, tokenizer=None, ema=False):
+        """Load SD 1.x strictly, safetensors only: a model folder in the published diffusers layout, or one
+        `.safetensors` file in the original CompVis layout. `configs` ({"unet": UNetConfig(…), …}) and `tokenizer`
+        (a folder) replace the model's; `ema` loads a single file's EMA UNet. See `loading.load_model`."""
+        tok, parts, scheduler_config = load_model(path, device, dtype, configs, tokenizer, ema)
+        return cls(tok, *parts, scheduler_config, name=str(path))
 
     @property
     def device(self):

@@ -119,6 +119,13 @@ def write_checkpoint(folder, config="tiny", seed=0, **overrides) -> Path:
     text_cfg, unet_cfg, vae_cfg = CONFIGS[config] if isinstance(config, str) else config
     write_tokenizer(folder / "tokenizer")
     dicts = published_state_dicts(text_cfg, unet_cfg, vae_cfg, seed=seed)
+    return write_folder(folder, (text_cfg, unet_cfg, vae_cfg), dicts)
+
+
+def write_folder(folder, model_configs, dicts, scheduler_config=SCHEDULER_CONFIG) -> Path:
+    """The published layout's files but the tokenizer — config.json and weights per component, the scheduler config,
+    model_index.json — for `model_configs` (text, unet, vae) and state dicts with the published keys."""
+    folder, (text_cfg, unet_cfg, vae_cfg) = Path(folder), model_configs
     names = {"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
              "vae": "diffusion_pytorch_model.safetensors"}
     configs = {"text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
@@ -139,8 +146,9 @@ def write_checkpoint(folder, config="tiny", seed=0, **overrides) -> Path:
         (sub / "config.json").write_text(json.dumps(configs[component], indent=2))
         save_file({k: v.contiguous() for k, v in sd.items()}, str(sub / names[component]), metadata={"format": "pt"})
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
-    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "PNDMScheduler"],
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    index = {"_class_name": "StableDiffusionPipeline",
+             "scheduler": ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))

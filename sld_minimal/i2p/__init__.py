@@ -1,0 +1,12 @@
+"""The I2P benchmark (Schramowski et al., CVPR 2023, §4): 4.7k real user prompts in seven categories of
+inappropriate content, the images SD makes for them with and without SLD, and how often those images are flagged.
+
+    sld-minimal i2p generate --prompts i2p_benchmark.csv --out runs/strong --safety strong   # run.py
+    sld-minimal i2p classify runs/strong                                                    # classify.py
+    sld-minimal i2p report runs/sd runs/strong                                              # report.py
+
+The CSV is the hub dataset AIML-TUDA/i2p. Nothing heavy is imported here: `cli` builds its parser from this.
+"""
+from .commands import add_parser
+
+__all__ = ["add_parser"]

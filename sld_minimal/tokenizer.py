@@ -1,0 +1,62 @@
+"""CLIP's tokenizer for checkpoints that carry none (single `.safetensors` files), derived from a packaged file.
+
+A single-file SD 1.x checkpoint holds the three models but no tokenizer. Rather than download one, the package
+carries `data/bpe_simple_vocab_16e6.txt.gz` (1.3 MB): the byte-level BPE merges list of OpenAI's CLIP (MIT licence,
+see `data/CLIP_BPE_LICENSE.txt`; the same file open-clip-torch and OpenAI's `clip` package ship). CLIP's vocabulary
+is a function of that list — Radford et al.'s `simple_tokenizer.py` builds it as:
+
+    the 256 byte symbols, the same 256 with the end-of-word mark `</w>`,
+    one token per merge for the first 49152 − 256 − 2 = 48894 merges (the lines after the header),
+    <|startoftext|> (49406) and <|endoftext|> (49407)            → 49408 tokens, SD 1.4's `vocab_size`
+
+`write_clip_tokenizer` writes that vocabulary as the `vocab.json` + `merges.txt` that transformers'
+`CLIPTokenizer` reads (the published `tokenizer/` folder of SD 1.4 has the same content); `clip_tokenizer()` loads
+it from a temporary folder. A caller's own tokenizer folder (`tokenizer=` / `--tokenizer DIR`) always wins.
+"""
+import gzip
+import json
+import tempfile
+from pathlib import Path
+
+from .tiny import byte_alphabet
+
+BPE_FILE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+N_MERGES = 49152 - 256 - 2  # CLIP keeps this many merges: 2·256 byte symbols + merges + 2 specials = 49408
+SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+           "unk_token": "<|endoftext|>"}  # SD 1.4 pads with <|endoftext|>
+
+
+def clip_vocab_and_merges() -> tuple[list, list]:
+    """CLIP's vocabulary (token list, index = id) and merges ("a b" strings, in priority order)."""
+    lines = gzip.decompress(BPE_FILE.read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1:N_MERGES + 1]  # line 0 is a version header
+    # the byte symbols in CLIP's order: printable bytes as themselves, then the rest mapped to U+0100.. (ascending)
+    symbols = [chr(c) for c in sorted(byte_alphabet())]
+    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    return vocab + ["<|startoftext|>", "<|endoftext|>"], merges
+
+
+def write_tokenizer_files(folder, vocab: list, merges: list) -> Path:
+    """A `tokenizer/` folder as SD 1.4 publishes it: vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(SPECIAL, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**SPECIAL, "model_max_length": 77, "do_lower_case": True, "errors": "replace", "add_prefix_space": False,
+         "tokenizer_class": "CLIPTokenizer"}, indent=2))
+    return folder
+
+
+def write_clip_tokenizer(folder) -> Path:
+    return write_tokenizer_files(folder, *clip_vocab_and_merges())
+
+
+def clip_tokenizer():
+    """transformers' CLIPTokenizer with CLIP's vocabulary, derived from the packaged merges list."""
+    from .loading import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="sld-minimal-clip-") as tmp:
+        return load_tokenizer(write_clip_tokenizer(tmp))
