@@ -83,12 +83,23 @@ class StableDiffusion:
         self._concepts = {}  # concept text -> its embedding (1, 77, d); each concept is encoded once per pipeline
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, configs=None, tokenizer=None, ema=False):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, configs=None, tokenizer=None, ema=False,
+                        vae_dtype=None):
         """Load SD 1.x strictly, safetensors only: a model folder in the published diffusers layout, or one
         `.safetensors` file in the original CompVis layout. `configs` ({"unet": UNetConfig(…), …}) and `tokenizer`
-        (a folder) replace the model's; `ema` loads a single file's EMA UNet. See `loading.load_model`."""
+        (a folder) replace the model's; `ema` loads a single file's EMA UNet. See `loading.load_model`.
+        `vae_dtype`: the VAE's own dtype, e.g. torch.float32 with dtype=torch.float16 (the SD 1.x VAE can overflow
+        in fp16; its weights are then the fp16 ones, cast up, as diffusers' `upcast_vae` does)."""
         tok, parts, scheduler_config = load_model(path, device, dtype, configs, tokenizer, ema)
+        if vae_dtype is not None:
+            parts[2] = parts[2].to(vae_dtype)
         return cls(tok, *parts, scheduler_config, name=str(path))
+
+    def compile(self, **options):
+        """Opt in to `torch.compile` for the UNet, the work of every step (`options` go to torch.compile). The first
+        generation after this compiles (minutes on CPU). Returns the pipeline."""
+        self.unet = torch.compile(self.unet, **options)
+        return self
 
     @property
     def device(self):

@@ -1,0 +1,559 @@
+"""Speed and memory of sld_minimal against diffusers' StableDiffusionPipelineSafe, on the same weights, side by side.
+
+    # full-size SD 1.4 weights with random values (~4.3 GB, written once if absent; real weights work the same),
+    # then the benchmark on them; or write them with `sld-minimal tiny /tmp/sd14_random --config sd14`
+    python tests/benchmarks/bench.py --write-random /tmp/sd14_random --vs-diffusers --size 256 --steps 10 --safety strong
+    python tests/benchmarks/bench.py --weights /tmp/sd14_random --vs-diffusers --only unet   # UNet vs matmul rate
+
+What is measured, and how:
+
+* Every generation runs in a fresh subprocess (load, one generation, exit), so that peak RSS — the per-process
+  high-water mark `getrusage(RUSAGE_SELF).ru_maxrss` — belongs to one side only. With `--vs-diffusers` the
+  subprocesses alternate ours / diffusers / diffusers / ours / … (ABBA) over `--runs` runs, so that drift in the
+  machine's load hits both sides alike; the table shows medians over the runs.
+* The stages are timed the same way on both sides, by forward hooks on the modules: text encoder (all calls of one
+  generation, summed), UNet (per call, median, by batch size), VAE decode (pre-hook on `post_quant_conv`, hook on
+  `decoder`: both sides run exactly these two). "generation" is the whole pipeline call, including scheduler and
+  guidance arithmetic; "load" is `from_pretrained` (imports, transformers included on both sides, are timed
+  apart). The weight files are read once before the first run, so every run loads from the page cache. Both sides
+  map the safetensors files (zero-copy), so pages of weights are read in at their first use, inside generation.
+* Page faults and system time show memory churn: glibc gives every allocation above its mmap threshold (at most
+  32 MiB) fresh pages and returns them on free, so large temporaries (activations at 256+ px, oneDNN's weight
+  reorders) are paid in page faults on every call. `--env MALLOC_MMAP_THRESHOLD_=4294967296
+  --env MALLOC_TRIM_THRESHOLD_=4294967296` removes that for both sides, to see the compute alone.
+* diffusers is loaded as recommended: `StableDiffusionPipelineSafe.from_pretrained(DIR, safety_checker=None,
+  feature_extractor=None, requires_safety_checker=False)` with `accelerate` installed, so that `low_cpu_mem_usage`
+  is on (modules built empty, then given the file's tensors). The SLD values are passed explicitly
+  (`sld_guidance_scale`, `sld_warmup_steps`, `sld_threshold`, `sld_momentum_scale`, `sld_mom_beta`) from our preset
+  table, so both sides compute the same image; the first run checks that they do.
+* UNet efficiency: FLOPs of one UNet forward at `--size`, batch 3, counted with `torch.utils.flop_counter`
+  (convolutions and matmuls, on the meta device) plus attention's 4·B·heads·N_q·N_kv·d, which the counter does not
+  see on CPU, computed from the config; divided by the measured time per forward, and compared with this machine's
+  fp32 matmul rate (2048×2048 @ 2048×2048, five products before and after every UNet forward, median of all),
+  measured in the same subprocess. "page faults / call" counts the minor faults of one forward.
+
+Options: `--only generation|unet` runs one part; `--threads N` sets torch's threads; `--dtype fp16 --device cuda`
+for a GPU. Run on a quiet machine: other processes on the same cores make every number noisy.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the checkout's sld_minimal, installed or not
+
+PROMPT = "a photo of a cat sitting on a wooden table, detailed, soft light"
+SEED = 0
+T = 500  # the timestep of the standalone UNet forwards
+MATMUL_N = 2048
+
+
+# ================================================================ subprocess side: one load and one generation
+
+class StageTimer:
+    """Wall-clock durations of module calls, taken by forward hooks; `sync` waits for the device first."""
+
+    def __init__(self, sync):
+        self.sync, self.calls, self._start = sync, defaultdict(list), {}
+
+    def attach(self, name, first, last=None, batch_of=None):
+        """Time from `first`'s pre-hook to `last`'s (default `first`) hook; `batch_of(args)` labels each call."""
+        def pre(module, args):
+            self.sync()
+            self._start[name] = (time.perf_counter(), batch_of(args) if batch_of else None)
+
+        def post(module, args, output):
+            self.sync()
+            t0, batch = self._start.pop(name)
+            self.calls[name].append((batch, time.perf_counter() - t0))
+
+        first.register_forward_pre_hook(pre)
+        (last or first).register_forward_hook(post)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # ru_maxrss is in KiB on Linux
+
+
+def page_faults() -> int:
+    """Minor page faults so far: each first touch of freshly mapped memory. glibc maps every allocation above its
+    mmap threshold (at most 32 MiB) afresh and unmaps it on free, so large temporaries cost faults every time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def setup_torch(a):
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    return torch, dtype, sync
+
+
+def run_generation(a) -> dict:
+    """Import, load, one generation with the stages timed; returns the numbers and where the image was saved."""
+    t0 = time.perf_counter()
+    torch, dtype, sync = setup_torch(a)
+    from sld_minimal.guidance import PRESETS
+
+    safety = PRESETS[a.safety] if a.safety != "off" else None
+    if a.side == "ours":
+        from transformers import CLIPTokenizer  # noqa: F401  (from_pretrained would import it: timed as import)
+
+        from sld_minimal.pipeline import StableDiffusion
+    else:
+        from diffusers import DDIMScheduler, StableDiffusionPipelineSafe
+        from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401  (imported here, not during the load)
+    import_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if a.side == "ours":
+        kw = {"vae_dtype": torch.float32} if a.vae_fp32 else {}
+        pipe = StableDiffusion.from_pretrained(a.weights, device=a.device, dtype=dtype, **kw)
+        if a.compile:
+            pipe.compile()
+        text_encoder, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
+    else:
+        pipe = StableDiffusionPipelineSafe.from_pretrained(
+            a.weights, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            torch_dtype=dtype).to(a.device)
+        if a.vae_fp32:  # diffusers' upcast_vae; the Safe pipeline then hands the VAE half latents: cast them
+            pipe.vae.to(torch.float32)
+            pipe.vae.post_quant_conv.register_forward_pre_hook(lambda module, args: (args[0].float(),))
+        if a.scheduler == "ddim":
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        if safety is not None:
+            pipe.safety_concept = safety.concept
+        text_encoder, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
+    sync()
+    load_s = time.perf_counter() - t0
+    load_rss = peak_rss_gib()
+
+    timer = StageTimer(sync)
+    faults, sys_s = page_faults(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    timer.attach("text", text_encoder)
+    timer.attach("unet", unet, batch_of=lambda args: int(args[0].shape[0]))
+    timer.attach("vae", vae.post_quant_conv, vae.decoder)
+
+    t0 = time.perf_counter()
+    if a.side == "ours":
+        out = pipe(PROMPT, safety=safety, num_inference_steps=a.steps, height=a.size, width=a.size, seed=SEED,
+                   scheduler=a.scheduler, progress=False)
+        image = out.images[0]
+    else:
+        sld = {"sld_guidance_scale": 0.0} if safety is None else {
+            "sld_guidance_scale": safety.scale, "sld_warmup_steps": safety.warmup_steps,
+            "sld_threshold": safety.threshold, "sld_momentum_scale": safety.momentum_scale,
+            "sld_mom_beta": safety.momentum_beta}
+        image = pipe(PROMPT, num_inference_steps=a.steps, height=a.size, width=a.size, output_type="np",
+                     generator=torch.Generator().manual_seed(SEED), **sld).images[0]
+    sync()
+    generation_s = time.perf_counter() - t0
+
+    unet_by_batch = defaultdict(list)
+    for batch, s in timer.calls["unet"]:
+        unet_by_batch[batch].append(s)
+    if a.image_out:
+        import numpy as np
+
+        np.save(a.image_out, np.asarray(image, dtype=np.float32))
+    return {"import_s": import_s, "load_s": load_s, "generation_s": generation_s,
+            "text_s": sum(s for _, s in timer.calls["text"]), "text_calls": len(timer.calls["text"]),
+            "unet_s": {str(b): v for b, v in sorted(unet_by_batch.items())},
+            "vae_s": sum(s for _, s in timer.calls["vae"]),
+            "load_rss_gib": load_rss, "peak_rss_gib": peak_rss_gib(), "faults_k": (page_faults() - faults) / 1e3,
+            "sys_s": resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys_s, "versions": versions()}
+
+
+def run_unet(a) -> dict:
+    """Only the UNet: forwards at (3, 4, size/8, size/8) interleaved with 2048² fp32 matmuls, both timed."""
+    torch, dtype, sync = setup_torch(a)
+    if a.side == "ours":
+        from sld_minimal.loading import load_component
+
+        unet = load_component(a.weights, "unet", a.device, dtype)
+        if a.compile:
+            unet = torch.compile(unet)
+        forward = lambda x, t, c: unet(x, t, c)  # noqa: E731
+    else:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(a.weights, subfolder="unet", torch_dtype=dtype).to(a.device).eval()
+        forward = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+    cfg = unet.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, cfg.in_channels, a.size // 8, a.size // 8, generator=g).to(a.device, dtype)
+    ctx = torch.randn(3, 77, cfg.cross_attention_dim, generator=g).to(a.device, dtype)
+    m1, m2 = (torch.randn(MATMUL_N, MATMUL_N, generator=g).to(a.device) for _ in range(2))  # fp32, always
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    unet_s, matmul_s, faults = [], [], []
+    with torch.no_grad():
+        timed(lambda: forward(x, T, ctx))  # warm-up: first-call allocations and kernel selection
+        timed(lambda: m1 @ m2)
+        for _ in range(a.unet_calls):
+            matmul_s += [timed(lambda: m1 @ m2) for _ in range(5)]
+            f0 = page_faults()
+            unet_s.append(timed(lambda: forward(x, T, ctx)))
+            faults.append(page_faults() - f0)
+        matmul_s += [timed(lambda: m1 @ m2) for _ in range(5)]
+    return {"unet_call_s": unet_s, "matmul_s": matmul_s, "faults": faults, "peak_rss_gib": peak_rss_gib(),
+            "versions": versions()}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "diffusers", "transformers", "accelerate", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+# ================================================================ FLOPs, from the config (no weights, no time)
+
+def unet_flops(weights: Path, size: int) -> dict:
+    """GFLOP of one UNet forward at (3, 4, size/8, size/8): convolutions and matmuls counted by FlopCounterMode on
+    the meta device, and attention's QKᵀ and AV products computed from the config."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sld_minimal.loading import read_config
+    from sld_minimal.unet import UNet2DConditionModel, UNetConfig
+
+    cfg = read_config(UNetConfig, weights / "unet" / "config.json")
+    h = w = size // 8
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cfg)
+        x, ctx = torch.empty(3, 4, h, w), torch.empty(3, 77, cfg.cross_attention_dim)
+        with FlopCounterMode(display=False) as counter:
+            unet(x, torch.tensor(T), ctx)
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    # On meta, attention may be decomposed into bmm's (or counted as an SDPA op): those are replaced by the formula.
+    attention_ops = [op for op in by_op if "bmm" in op or "attention" in op]
+    conv_linear = sum(n for op, n in by_op.items() if op not in attention_ops)
+    attention = attention_flops(cfg, 3, h, w, 77)
+    return {"conv_linear": conv_linear / 1e9, "attention": attention / 1e9,
+            "attention_seen_by_counter": sum(by_op[op] for op in attention_ops) / 1e9,
+            "total": (conv_linear + attention) / 1e9}
+
+
+def attention_flops(cfg, batch, h, w, n_text) -> int:
+    """Σ over attention layers of 4·B·N_q·N_kv·C (QKᵀ and AV, 2 FLOPs per multiply-add; heads·d = C): each spatial
+    transformer has a self-attention (N_kv = N_q = h·w at its level) and a cross-attention (N_kv = 77 tokens)."""
+    total, sizes = 0, []
+    for level, kind in enumerate(cfg.down_block_types):  # the (h, w) of every level, as the down path halves it
+        sizes.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2  # stride-2 conv with padding 1
+    per_level = [(cfg.layers_per_block if k.startswith("CrossAttn") else 0) for k in cfg.down_block_types]
+    up = [(cfg.layers_per_block + 1 if k.startswith("CrossAttn") else 0) for k in cfg.up_block_types][::-1]
+    for level, ((hl, wl), c) in enumerate(zip(sizes, cfg.block_out_channels)):
+        n = hl * wl
+        layers = per_level[level] + up[level]
+        total += layers * 4 * batch * c * (n * n + n * n_text)
+    hm, wm = sizes[-1]
+    c = cfg.block_out_channels[-1]
+    return total + 4 * batch * c * (hm * wm * hm * wm + hm * wm * n_text)  # the mid block's transformer
+
+
+# ================================================================ the orchestrator
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kib = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        mem = f", {kib / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}"
+
+
+def warm_page_cache(weights: Path):
+    """Read every file once so that all runs, ours and theirs, load from memory rather than the disk."""
+    for p in sorted(weights.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def spawn(a, side: str, mode: str, image_out=None) -> dict:
+    """One subprocess running `mode` for `side`; its result comes back through a JSON file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--worker", mode, "--side", side, "--result", str(result),
+               "--weights", str(a.weights), "--size", str(a.size), "--steps", str(a.steps), "--safety", a.safety,
+               "--scheduler", a.scheduler, "--dtype", a.dtype, "--device", a.device,
+               "--unet-calls", str(a.unet_calls)]
+        cmd += ["--threads", str(a.threads)] if a.threads else []
+        cmd += ["--image-out", str(image_out)] if image_out else []
+        cmd += ["--compile"] if a.compile and side == "ours" else []
+        cmd += ["--vae-fp32"] if a.vae_fp32 else []
+        env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1", **dict(e.split("=", 1) for e in a.env))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not result.is_file():
+            sys.exit(f"the {side} {mode} subprocess failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(result.read_text())
+
+
+def order(runs: int, sides: list) -> list:
+    """ABBA: ours, theirs, theirs, ours, … so that a slow drift of the machine does not favour either side."""
+    out = []
+    for i in range(runs):
+        out += sides if i % 2 == 0 else sides[::-1]
+    return out
+
+
+def med(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(results: list) -> dict:
+    """Medians over the runs of one side."""
+    s = {k: med([r[k] for r in results]) for k in ("import_s", "load_s", "generation_s", "text_s", "vae_s",
+                                                    "peak_rss_gib", "load_rss_gib", "faults_k", "sys_s")}
+    s["load_generation_s"] = med([r["load_s"] + r["generation_s"] for r in results])
+    s["import_load_s"] = med([r["import_s"] + r["load_s"] for r in results])
+    s["import_load_generation_s"] = med([r["import_s"] + r["load_s"] + r["generation_s"] for r in results])
+    s["unet_total_s"] = med([sum(sum(v) for v in r["unet_s"].values()) for r in results])
+    s["rest_s"] = med([r["generation_s"] - r["text_s"] - r["vae_s"] - sum(sum(v) for v in r["unet_s"].values())
+                       for r in results])
+    s["text_calls"] = results[0]["text_calls"]
+    for batch in results[0]["unet_s"]:
+        s[f"unet_b{batch}_s"] = med([t for r in results for t in r["unet_s"][batch]])
+        s[f"unet_b{batch}_calls"] = len(results[0]["unet_s"][batch])
+    return s
+
+
+def fmt(v, unit=""):
+    if v is None or v != v:
+        return "–"
+    return f"{v:.3f}{unit}" if abs(v) < 10 else f"{v:.1f}{unit}"
+
+
+def generation_report(a, ours: dict, ref: dict | None, image_diff) -> list:
+    rows = [("import (s)", "import_s"), ("**load (s)**", "load_s"), ("import + load (s)", "import_load_s"),
+            ("text encoding (s, all calls)", "text_s")]
+    batches = sorted({k for s in (ours, ref or {}) for k in s if k.startswith("unet_b") and k.endswith("_s")})
+    for k in batches:
+        b = k[len("unet_b"):-2]
+        rows.append((f"UNet call, batch {b} (s, median)", k))
+    rows += [("UNet, all calls (s)", "unet_total_s"), ("VAE decode (s)", "vae_s"),
+             ("rest: scheduler, guidance, Python (s)", "rest_s"), ("**generation (s)**", "generation_s"),
+             ("**load + generation (s)**", "load_generation_s"),
+             ("import + load + generation (s)", "import_load_generation_s"),
+             ("peak RSS after load (GiB)", "load_rss_gib"), ("**peak RSS (GiB)**", "peak_rss_gib"),
+             ("minor page faults during generation (thousands)", "faults_k"),
+             ("system CPU time during generation (s)", "sys_s")]
+    head = "| | sld_minimal | diffusers | ours / diffusers |\n|---|---:|---:|---:|" if ref else \
+        "| | sld_minimal |\n|---|---:|"
+    lines = [head]
+    for label, key in rows:
+        o, r = ours.get(key), (ref or {}).get(key)
+        if ref:
+            ratio = o / r if o is not None and r not in (None, 0) and r == r else None
+            lines.append(f"| {label} | {fmt(o)} | {fmt(r)} | {fmt(ratio)} |")
+        else:
+            lines.append(f"| {label} | {fmt(o)} |")
+    calls = ", ".join(f"{ours[k]} at batch {k[6:-6]}" for k in ours if k.endswith("_calls") and k.startswith("unet_b"))
+    notes = [f"UNet calls per generation, ours: {calls}"]
+    if ref:
+        calls = ", ".join(f"{ref[k]} at batch {k[6:-6]}" for k in ref if k.endswith("_calls") and k.startswith("unet_b"))
+        notes.append(f"diffusers: {calls}")
+    if image_diff is not None:
+        notes.append(f"same image on both sides: max |Δpixel| = {image_diff:.2e} (in [0, 1])")
+    return lines + ["", "; ".join(notes) + "."]
+
+
+def unet_report(a, flops: dict, ours: list, ref: list | None) -> list:
+    def stats(results):
+        unet_s = med([t for r in results for t in r["unet_call_s"]])
+        matmul = med([2 * MATMUL_N**3 / t / 1e9 for r in results for t in r["matmul_s"]])
+        achieved = flops["total"] / unet_s
+        return unet_s, achieved, matmul, achieved / matmul, med([f for r in results for f in r["faults"]]) / 1e3
+
+    sides = [("sld_minimal", stats(ours))] + ([("diffusers", stats(ref))] if ref else [])
+    lines = ["| UNet forward, batch 3, " + f"{a.size}×{a.size} px ({a.size // 8}×{a.size // 8} latent) | s / call "
+             "| GFLOP/s | matmul GFLOP/s | fraction of matmul | page faults / call (k) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, (s, achieved, matmul, frac, faults) in sides:
+        lines.append(f"| {name} | {fmt(s)} | {achieved:.1f} | {matmul:.1f} | **{frac:.0%}** | {faults:.0f} |")
+    if ref:
+        lines.append(f"| ours / diffusers | {sides[0][1][0] / sides[1][1][0]:.3f} | | | | |")
+    lines += ["", f"FLOPs per forward: {flops['total']:.1f} GFLOP = {flops['conv_linear']:.1f} convolutions and "
+              f"matmuls (torch FlopCounterMode) + {flops['attention']:.1f} attention (4·B·N_q·N_kv·C, analytic; "
+              f"the counter saw {flops['attention_seen_by_counter']:.1f} of it on the meta device). Matmul rate: fp32 "
+              f"{MATMUL_N}×{MATMUL_N} @ {MATMUL_N}×{MATMUL_N}, median of {len(ours[0]['matmul_s'])} per run, "
+              f"measured in the same subprocess between the UNet calls ({a.unet_calls} timed calls per run "
+              f"after one warm-up)."]
+    return lines
+
+
+TARGETS = [  # (what, key in ratios, bound, settings where it applies or None for any)
+    ("generation, 256 px, 10 steps, SLD strong", "generation_s", 0.90, (256, 10, "strong")),
+    ("load + generation, 256 px, 10 steps, SLD strong", "load_generation_s", 0.90, (256, 10, "strong")),
+    ("generation, 256 px, 20 steps, SLD weak", "generation_s", 0.75, (256, 20, "weak")),
+    ("peak RSS", "peak_rss_gib", 0.95, None),
+    ("load", "load_s", 1.00, None),
+]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--weights", type=Path, help="an SD 1.x folder in the published diffusers layout")
+    p.add_argument("--write-random", type=Path, metavar="DIR",
+                   help="write full-size SD 1.4 random weights to DIR (if absent) and benchmark them")
+    p.add_argument("--vs-diffusers", action="store_true", help="run diffusers' StableDiffusionPipelineSafe too")
+    p.add_argument("--size", type=int, default=256, help="image height and width in pixels (default 256)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--safety", default="strong", choices=["off", "weak", "medium", "strong", "max"])
+    p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim"])
+    p.add_argument("--runs", type=int, default=3, help="subprocesses per side (alternating), medians reported")
+    p.add_argument("--unet-calls", type=int, default=3, help="timed UNet forwards per run in the UNet part")
+    p.add_argument("--only", choices=["generation", "unet"], help="run one part only (default: both)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's, all cores)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--vae-fp32", action="store_true", help="keep the VAE in fp32 when --dtype is fp16/bf16")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--compile", action="store_true", help="ours with torch.compile (opt-in; compile time is in load)")
+    p.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    p.add_argument("--json", type=Path, help="also write every run's raw numbers to this file")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for both sides' subprocesses, e.g. MALLOC_MMAP_THRESHOLD_=4294967296 "
+                        "(repeatable; the default runs as users do)")
+    # internal: one subprocess's work
+    p.add_argument("--worker", choices=["generation", "unet"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--image-out", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.worker:
+        out = run_generation(a) if a.worker == "generation" else run_unet(a)
+        a.result.write_text(json.dumps(out))
+        return
+
+    if a.write_random:
+        if not (a.write_random / "model_index.json").is_file():
+            from sld_minimal import tiny
+
+            print(f"writing full-size SD 1.4 random weights to {a.write_random} (~4.3 GB) …", file=sys.stderr)
+            tiny.write_checkpoint(a.write_random, "sd14")
+        a.weights = a.weights or a.write_random
+    if a.weights is None:
+        p.error("--weights DIR is required (or --write-random DIR)")
+    if a.size % 8 or a.size < 64:
+        p.error("--size must be a multiple of 8, at least 64")
+    if a.vs_diffusers:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            p.error("--vs-diffusers needs `pip install accelerate diffusers`: without accelerate, diffusers "
+                    "initialises every weight randomly before loading (not its recommended setup)")
+
+    sides = ["ours", "diffusers"] if a.vs_diffusers else ["ours"]
+    print(f"warming the page cache with {a.weights} …", file=sys.stderr)
+    warm_page_cache(a.weights)
+    title = "sld_minimal vs diffusers" if a.vs_diffusers else "sld_minimal"
+    what = "UNet forward" if a.only == "unet" else f"{a.steps} steps, SLD {a.safety}, {a.scheduler}"
+    report = [f"### {title}: {a.size}×{a.size} px, {what}, {a.dtype}, {a.device}", "", "```", "python tests/benchmarks/bench.py " + " ".join(sys.argv[1:]), "```", ""]
+    gen_versions, raw = None, {"args": {k: str(v) for k, v in vars(a).items()}}
+
+    if a.only in (None, "generation"):
+        results = defaultdict(list)
+        image_paths = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, side in enumerate(order(a.runs, sides)):
+                first = side not in image_paths
+                image_paths.setdefault(side, Path(tmp) / f"{side}.npy")
+                print(f"run {len(results[side]) + 1}/{a.runs}: {side} …", file=sys.stderr, flush=True)
+                r = spawn(a, side, "generation", image_paths[side] if first else None)
+                results[side].append(r)
+                calls = [t for v in r["unet_s"].values() for t in v]
+                print(f"  load {r['load_s']:.2f} s, generation {r['generation_s']:.2f} s (UNet {len(calls)} calls, "
+                      f"{min(calls):.2f}–{max(calls):.2f} s each; VAE {r['vae_s']:.2f} s), "
+                      f"peak RSS {r['peak_rss_gib']:.2f} GiB", file=sys.stderr, flush=True)
+            image_diff = None
+            if a.vs_diffusers:
+                import numpy as np
+
+                image_diff = float(np.abs(np.load(image_paths["ours"]) - np.load(image_paths["diffusers"])).max())
+        gen_versions, raw["generation"] = results["ours"][0]["versions"], dict(results)
+        ours, ref = summarize(results["ours"]), summarize(results["diffusers"]) if a.vs_diffusers else None
+        report += generation_report(a, ours, ref, image_diff) + [""]
+        if ref:
+            report += ["| target (ours / diffusers) | bound | measured | |", "|---|---:|---:|---|"]
+            for what, key, bound, where in TARGETS:
+                if where is None or where == (a.size, a.steps, a.safety):
+                    ratio = ours[key] / ref[key]
+                    report.append(f"| {what} | ≤ {bound:.2f} | {ratio:.3f} | {'met' if ratio <= bound else 'MISSED'} |")
+            report.append("")
+
+    if a.only in (None, "unet"):
+        flops = unet_flops(a.weights, a.size)
+        results = defaultdict(list)
+        for side in order(a.runs, sides):
+            print(f"UNet forwards: {side} …", file=sys.stderr, flush=True)
+            results[side].append(spawn(a, side, "unet"))
+        report += unet_report(a, flops, results["ours"], results["diffusers"] if a.vs_diffusers else None) + [""]
+        gen_versions = gen_versions or results["ours"][0]["versions"]
+        raw["unet"], raw["flops"] = dict(results), flops
+
+    v = gen_versions
+    import torch
+
+    threads = a.threads or torch.get_num_threads()
+    report += [f"Measured {datetime.date.today().isoformat()} on {machine()}; {threads} torch threads; "
+               f"torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
+               f"accelerate {v['accelerate']}, safetensors {v['safetensors']}; Python {platform.python_version()}. "
+               f"Medians of {a.runs} runs per side, each a fresh subprocess, alternating "
+               f"ours / diffusers (ABBA); weights read into the page cache once before the first run. `import` "
+               f"includes transformers on both sides (sld_minimal's from_pretrained would import it for CLIP's "
+               f"tokenizer), so `load` is the loading alone."
+               + (f" Environment: {', '.join(a.env)}." if a.env else "")]
+    if a.vs_diffusers:
+        report.append("diffusers: `StableDiffusionPipelineSafe.from_pretrained(DIR, safety_checker=None, "
+                      "feature_extractor=None, requires_safety_checker=False)` with accelerate installed, so "
+                      "`low_cpu_mem_usage=True` (modules built empty, safetensors tensors assigned); it also builds the "
+                      "VAE encoder, which sampling never runs and sld_minimal skips. SLD values passed explicitly from "
+                      "the preset table (weak: s_S = 200, the authors' value; diffusers' own WEAK uses 20).")
+    text = "\n".join(report)
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
+    if a.json:
+        a.json.write_text(json.dumps(raw, indent=1))
+
+
+if __name__ == "__main__":
+    main()
