@@ -99,7 +99,7 @@ def cmd_generate(a):
     weights = Path(a.weights)
     if not weights.exists() and weights == DEFAULT_WEIGHTS:
         print(f"{weights} not found: downloading Stable Diffusion 1.4 there first.", file=sys.stderr)
-        download(weights, fp16=dtype != __import__("torch").float32, quiet=a.quiet)
+        download(weights, fp16=str(dtype) == "torch.float16", quiet=a.quiet)  # the fp16 files only for fp16
     pipe = StableDiffusion.from_pretrained(weights, device=device, dtype=dtype, tokenizer=a.tokenizer, ema=a.ema)
     result = pipe(a.prompt, negative_prompt=a.negative_prompt, safety=safety, num_inference_steps=a.steps,
                   guidance_scale=a.guidance, height=a.height, width=a.width, num_images=a.num_images, seed=a.seed,
