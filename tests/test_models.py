@@ -1,5 +1,6 @@
 """The hand-written models: the SD 1.4 key contract, module parity with transformers/diffusers, strict loading."""
 import dataclasses
+import warnings
 import json
 import shutil
 from pathlib import Path
@@ -255,3 +256,16 @@ def test_config_override_is_checked_against_the_file(tiny_ckpt):
     cfg = loading.read_config(UNetConfig, Path(tiny_ckpt) / "unet/config.json")
     with pytest.raises(WeightsError, match="has shape"):
         load_component(tiny_ckpt, "unet", config=dataclasses.replace(cfg, cross_attention_dim=48))
+
+
+def test_long_prompts_are_truncated_with_a_warning_naming_the_dropped_words(tiny_ckpt):
+    from sld_minimal.clip import tokenize
+
+    tok = loading.load_tokenizer(tiny_ckpt)
+    prompt = "the cat " * 37 + "the king photo dog"  # one token per word here: 78; 75 fit between start and end
+    with pytest.warns(UserWarning, match="this part is dropped: 'king photo dog'"):
+        ids = tokenize(tok, [prompt])
+    assert ids.shape == (1, 77) and ids[0, 0] == tok.bos_token_id and ids[0, -1] == tok.eos_token_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(tokenize(tok, ["the cat"])[0, 3:], torch.full((74,), tok.pad_token_id))
