@@ -176,27 +176,30 @@ class StableDiffusion:
             k = len(ctx) // N  # branches this step
             eps_all = self.unet(torch.cat([latents] * k), t, ctx).chunk(k)  # k × (N, 4, h, w)
             info = StepInfo(step=i, timestep=t, latents=latents, eps=None)
+            diagnose = callback is not None  # the diagnostics cost extra passes over ε: only for a callback
             if not cfg_on:
                 eps = eps_all[0]
             else:
                 eps_u, eps_p = eps_all[:2]
-                info.cfg_norm = (guidance_scale * (eps_p - eps_u)).norm().item()
+                if diagnose:
+                    info.cfg_norm = (guidance_scale * (eps_p - eps_u)).norm().item()
                 if run_safety:
                     eps_s = eps_all[2]
-                    if guidance is None:
+                    if diagnose and guidance is None:
                         gamma, mu = G.safety_term(eps_u, eps_p, eps_s, safety, momentum)
                         info.mu, info.sld_active = mu, (mu > 0).float().mean().item()
                         info.safety_norm = (guidance_scale * gamma).norm().item()
                     eps, momentum = sld_fn(eps_u, eps_p, eps_s, guidance_scale, safety, i, momentum)
-                    if guidance is not None:
+                    if diagnose and guidance is not None:
                         info.safety_norm = (G.cfg_guidance(eps_u, eps_p, guidance_scale) - eps).norm().item()
                 else:
                     eps = G.cfg_guidance(eps_u, eps_p, guidance_scale)
                 if edits:
                     eps_e = eps_all[len(eps_all) - len(edits):]
-                    psis = G.edit_directions(eps_u, eps_e, edits, i)
-                    info.edits = [{"concept": e.concept, "kept": (p != 0).float().mean().item(), "norm": p.norm().item()}
-                                  for e, p in zip(edits, psis)]
+                    if diagnose:
+                        psis = G.edit_directions(eps_u, eps_e, edits, i)
+                        info.edits = [{"concept": e.concept, "kept": (p != 0).float().mean().item(),
+                                       "norm": p.norm().item()} for e, p in zip(edits, psis)]
                     term, edit_momentum = G.sega_guidance(eps_u, eps_e, edits, i, edit_momentum,
                                                           edit_momentum_scale, edit_momentum_beta)
                     # without SLD, add in the SEGA reference's order, ε_∅ + (s_g·(ε_p − ε_∅) + term): same bits
