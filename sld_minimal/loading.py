@@ -94,13 +94,19 @@ def canonical_key(component: str, key: str, skip: bool = True):
     return None if skip and skipped and skipped.search(key) else key
 
 
+# safetensors' dtype names -> torch's
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
 def read_state_dict(path: Path, component: str, expected: dict, device, dtype, rename=None) -> dict:
     """Read exactly the tensors a module expects (name -> shape), checked one by one, cast to dtype on device
     (`dtype=None` keeps the file's). `rename(file key)` gives the module name, None to skip: by default the folder
     layout's `canonical_key`; `layouts.py` passes the single-file layout's."""
     rename = rename or (lambda k: canonical_key(component, k))
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # checks the header; reads no tensor
             keys = {rename(k): k for k in f.keys()}
             keys.pop(None, None)
             unexpected, missing = sorted(set(keys) - set(expected)), sorted(set(expected) - set(keys))
@@ -110,19 +116,54 @@ def read_state_dict(path: Path, component: str, expected: dict, device, dtype, r
             if missing:
                 raise WeightsError(f"{path}: key {missing[0]!r} is missing; the file is incomplete or not an "
                                    f"SD 1.x {component}")
-            state = {}
             for k, shape in expected.items():
                 found = tuple(f.get_slice(keys[k]).get_shape())
                 if found != tuple(shape):
                     raise WeightsError(f"{path}: key {keys[k]!r} has shape {list(found)}, expected {list(shape)} "
                                        f"(does {component}/config.json match the weights?)")
-                state[k] = f.get_tensor(keys[k]).to(device=device, dtype=dtype)
-            return state
+        return read_tensors(path, {k: keys[k] for k in expected}, device, dtype)
     except SafetensorError as e:
         raise WeightsError(f"{path} is not a readable safetensors file ({e}); it may be truncated — "
                            f"delete it and download again") from None
     except OSError as e:
         raise WeightsError(f"{path} cannot be read ({e})") from None
+
+
+def read_tensors(path: Path, names: dict, device, dtype=None) -> dict:
+    """{name: tensor} for {name: key in the file}, each read into memory of its own, cast to `dtype` on `device`.
+
+    Why not use the file's bytes where they lie (a memory map, zero-copy)? A tensor in a safetensors file starts
+    wherever the file put it — `conv_in.weight` at 52 mod 64 bytes in a model folder, at 8 mod 64 in a single file
+    — and oneDNN picks its kernels, and so its summation order, by the alignment of the weights: the same weights at
+    two offsets gave outputs 7e-7 apart on some CPUs. So every tensor is read into fresh memory from torch's
+    allocator (64-byte aligned on the CPU), and results depend on the weights' values only. Plain reads, in file
+    order: one copy, and no file mapping left in RSS."""
+    with open(path, "rb", buffering=0) as fh:
+        n = int.from_bytes(fh.read(8), "little")  # safetensors: u64 header size, JSON header, then the data
+        header, base = json.loads(fh.read(n)), 8 + n
+        state = {}
+        for name, key in sorted(names.items(), key=lambda kv: header[kv[1]]["data_offsets"][0]):
+            info = header[key]
+            if info["dtype"] not in DTYPES:
+                raise WeightsError(f"{path}: key {key!r} has dtype {info['dtype']}, which is not supported")
+            begin, end = info["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            _read_exactly(fh, base + begin, raw, path)
+            file_dtype = DTYPES[info["dtype"]]
+            # .to() returns the tensor itself when nothing changes, else a fresh (aligned) copy
+            state[name] = raw.view(file_dtype).reshape(info["shape"]).to(device=device, dtype=dtype or file_dtype)
+        return state
+
+
+def _read_exactly(fh, offset: int, into: torch.Tensor, path):
+    """Fill the uint8 tensor `into` with the file's bytes from `offset` on."""
+    view, done = memoryview(into.numpy()).cast("B"), 0
+    fh.seek(offset)
+    while done < len(view):  # one read may return less (Linux caps a read near 2 GiB)
+        got = fh.readinto(view[done:])
+        if not got:
+            raise WeightsError(f"{path} ends before its tensors do; it is truncated — delete it and download again")
+        done += got
 
 
 def load_component(folder, component: str, device="cpu", dtype=torch.float32, config=None):

@@ -108,6 +108,7 @@ def test_select_rows_and_shards(rows):
 
 # ----------------------------------------------------------------------------- generation
 
+@pytest.mark.bitexact
 def test_images_are_the_pipelines_with_one_stream_per_row(pipe, rows, reference):
     assert sorted(files(reference)) == [f"{r}-{k}.png" for r in (0, 1, 4) for k in range(3)]
     for row in rows[:1]:  # one row shows the stream: its batches (2 images, then 1) continue one generator
@@ -132,6 +133,7 @@ def test_fast_forward_draws_what_the_pipeline_draws(pipe, size):
     assert torch.equal(g1.get_state(), g2.get_state())
 
 
+@pytest.mark.bitexact
 def test_resume_after_an_interruption_gives_the_same_bytes(pipe, rows, reference, tmp_path):
     class Stop(Exception):
         pass
@@ -153,6 +155,7 @@ def test_resume_after_an_interruption_gives_the_same_bytes(pipe, rows, reference
     assert not [p for p in (folder / "images").iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+@pytest.mark.bitexact
 def test_shards_together_make_the_unsharded_run(pipe, rows, reference, tmp_path):
     folder = tmp_path / "sharded"
     for i in (1, 0):  # shard, limit and categories are not image-defining: the same folder takes them all

@@ -202,6 +202,7 @@ def test_sld_and_sega_together_follow_the_formula(own_pipe):
 
 # ---------------------------------------------------------------- behaviour of the loop itself
 
+@pytest.mark.bitexact
 def test_skipping_the_safety_branch_is_exact(own_pipe):
     """With s_m = 0 the safety branch cannot matter during warm-up; skipping it changes no bit."""
     kw = dict(safety="weak", seed=5, height=32, width=32, num_inference_steps=20, progress=False)
@@ -238,6 +239,7 @@ def test_callback_info(own_pipe):
         assert info.cfg_norm > 0 and info.safety_norm > 0 and info.eps.shape == (1, 4, 16, 16)
 
 
+@pytest.mark.bitexact
 def test_custom_guidance_replaces_sld(own_pipe):
     calls = []
 
@@ -251,6 +253,7 @@ def test_custom_guidance_replaces_sld(own_pipe):
     assert calls == list(range(6)) and np.array_equal(out.images, plain.images)
 
 
+@pytest.mark.bitexact
 def test_seed_and_generator(own_pipe):
     kw = dict(safety="medium", height=16, width=16, num_inference_steps=3, progress=False)
     a, b = own_pipe("a photo of the cat", seed=7, **kw), own_pipe("a photo of the cat", seed=7, **kw)

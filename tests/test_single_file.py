@@ -135,12 +135,14 @@ def test_key_map_agrees_with_diffusers_single_file_converter(manifest):
 
 # ---------------------------------------------------------------- round trips: loads bit for bit like the folder
 
+@pytest.mark.bitexact
 def test_single_file_loads_like_the_folder(pair):
     folder, file = pair
     assert_same_models(file_models(file), folder_models(folder))
     assert len(keys_of(file)) == sum(len(load_file(p)) for p in folder.glob("*/*.safetensors"))  # nothing dropped
 
 
+@pytest.mark.bitexact
 def test_file_to_folder_gives_back_the_published_files(pair, tmp_path):
     """folder → file → folder: the same weights files byte for byte, the same configs; and it loads the same."""
     folder, file = pair
@@ -152,6 +154,7 @@ def test_file_to_folder_gives_back_the_published_files(pair, tmp_path):
     assert_same_models([load_component(back, c) for c in ORDER], folder_models(folder))
 
 
+@pytest.mark.bitexact
 @pytest.mark.filterwarnings("ignore:prompt is longer")  # the safety concept, in the tiny vocabulary
 def test_pipeline_image_from_the_file_equals_the_folder(tiny_ckpt, tiny_file):
     """The whole loop (CFG + SLD with momentum, PNDM, VAE): the same image, bit for bit."""
@@ -259,6 +262,7 @@ def test_packaged_tokenizer_larger_than_the_embedding_is_a_clear_error(tiny_file
 
 # ---------------------------------------------------------------- the CLI
 
+@pytest.mark.bitexact
 def test_cli_convert_both_ways_and_never_overwrite(tiny_ckpt, tmp_path, capsys):
     file, folder = tmp_path / "m.safetensors", tmp_path / "m"
     assert cli.main(["convert", str(tiny_ckpt), str(file)]) == 0
