@@ -165,7 +165,8 @@ class StableDiffusion:
         h, w = height // f, width // f
         latents = torch.randn((N, 4, h, w), generator=generator, device=generator.device, dtype=self.dtype)
         latents = latents.to(self.device)
-        sampler = schedulers.from_config(self.scheduler_config, scheduler, num_inference_steps, eta=eta)
+        sampler = schedulers.from_config(self.scheduler_config, scheduler, num_inference_steps,
+                                          **({"eta": eta} if eta else {}))
 
         momentum = edit_momentum = None
         steps = sampler.timesteps.tolist()

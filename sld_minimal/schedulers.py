@@ -1,26 +1,44 @@
-"""Noise schedule and the two samplers Stable Diffusion 1.4 ships with: DDIM and PNDM (PLMS).
+"""Noise schedule and samplers: DDIM and PNDM (PLMS), which SD 1.4 ships with, DPM-Solver++(2M) and Euler.
 
 Notation. DDPM (Ho et al. 2020) writes α_t = 1 − β_t and ᾱ_t = ∏_{s≤t} α_s. The code only ever needs
 the cumulative product, `alphas_cumprod` = ᾱ_t, which the DDIM paper (Song et al. 2020) writes as
 plain α_t. Every docstring below uses ᾱ_t for it, so `a_t` in code means ᾱ_t, never DDPM's α_t.
 The forward process is q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I); the UNet predicts ε ("epsilon").
+DPM-Solver++ writes that process as x_t = α_t x_0 + σ_t ε with α_t = √ᾱ_t, σ_t = √(1−ᾱ_t); Karras et al.
+(Euler) use the unscaled x = x_0 + σ ε with σ = σ_t/α_t = √((1−ᾱ_t)/ᾱ_t). Both σ's appear below, named.
 
-Numerics follow diffusers' DDIMScheduler / PNDMScheduler: a float32 ᾱ table, scalar coefficients
-as float32 0-d tensors, and the sample's own dtype for the tensor arithmetic.
+Every sampler is a `Sampler`: `timesteps`, `init_noise_sigma`, `scale_model_input(x, t)` and
+`step(eps, t, x, generator)`. The loop that drives one (pipeline.py) reads
+
+    x = randn · init_noise_sigma;  for t in timesteps: x = step(ε_θ(scale_model_input(x, t), t), t, x)
+
+`SAMPLERS` maps a name to its class; `@register("name")` adds one, `from_config` builds one.
+
+Numerics follow diffusers' DDIM/PNDM/DPMSolverMultistep/EulerDiscrete schedulers: a float32 ᾱ (and σ)
+table, scalar coefficients as float32 0-d tensors, the timesteps and σ interpolation computed with numpy
+as diffusers does, and the same order of operations, so a trajectory matches theirs to float rounding.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+from typing import ClassVar
 
+import numpy as np
 import torch
 
 # Adams–Bashforth weights (numerators, denominator) for the newest-first eps history, PLMS order 1..4.
 PLMS_COEFFS = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
+SPACINGS = ("leading", "linspace", "trailing")  # Lin et al. 2023, "Common Diffusion Noise Schedules…", Table 2
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """The subset of a diffusers scheduler_config.json this module honours; defaults = SD 1.4."""
+    """The subset of a diffusers scheduler_config.json this module honours; defaults = SD 1.4.
+
+    `timestep_spacing` None means each sampler's own default, as in diffusers (DDIM/PNDM 'leading',
+    DPM-Solver++ and Euler 'linspace'); SD 1.4's file does not set it."""
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -28,11 +46,14 @@ class SchedulerConfig:
     steps_offset: int = 1
     set_alpha_to_one: bool = False
     skip_prk_steps: bool = True
+    timestep_spacing: str | None = None
 
     def __post_init__(self):
         if self.beta_schedule not in ("linear", "scaled_linear"):
             raise ValueError(f"unsupported beta_schedule {self.beta_schedule!r}: "
                              "only 'linear' and 'scaled_linear' are implemented")
+        if self.timestep_spacing not in (None, *SPACINGS):
+            raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}: expected one of {SPACINGS}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
@@ -42,7 +63,6 @@ class SchedulerConfig:
             "trained_betas": (None, "only betas computed from beta_start/beta_end are supported"),
             "clip_sample": (False, "clipping the predicted x0 is not implemented"),
             "thresholding": (False, "dynamic thresholding is not implemented"),
-            "timestep_spacing": ("leading", "only 'leading' timestep spacing is implemented"),
             "rescale_betas_zero_snr": (False, "zero-terminal-SNR rescaling is not implemented"),
         }
         for key, (ok, why) in refuse.items():
@@ -64,25 +84,149 @@ def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def leading_timesteps(cfg: SchedulerConfig, num_inference_steps: int) -> torch.Tensor:
-    """'leading' spacing: t_i = i·(T // n) + steps_offset, i = n−1 … 0 (SD 1.4, 50 steps: 981 … 1)."""
-    n, T = num_inference_steps, cfg.num_train_timesteps
-    if not 1 <= n <= T:
-        raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
-    ratio = T // n
-    if (n - 1) * ratio + cfg.steps_offset >= T:  # e.g. n = T with steps_offset 1 would need t = T
-        raise ValueError(f"num_inference_steps={n} with steps_offset={cfg.steps_offset} would reach timestep "
-                         f"{(n - 1) * ratio + cfg.steps_offset}, past the last trained timestep {T - 1}")
-    return (torch.arange(n - 1, -1, -1, dtype=torch.int64) * ratio + cfg.steps_offset)
+def spaced_timesteps(cfg: SchedulerConfig, n: int, spacing: str, rounded: bool = True) -> np.ndarray:
+    """n descending timesteps in [0, T), float64, as diffusers spaces them (T = num_train_timesteps):
+
+      leading:  t_i = i·⌊T/n⌋ + steps_offset      (SD 1.4, 50 steps: 981, 961, …, 1)
+      linspace: t_i = i·(T−1)/(n−1), rounded       (50 steps: 999, 979, 958, …, 0); Euler keeps the floats
+      trailing: t_i = round(T − i·T/n) − 1         (50 steps: 999, 979, …, 19)
+    """
+    T = cfg.num_train_timesteps
+    if spacing == "leading":
+        ts = np.arange(n)[::-1] * (T // n) + cfg.steps_offset
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, n)[::-1]
+        ts = ts.round() if rounded else ts
+    else:  # [:n]: for some n (61, 103, …) float rounding gives diffusers a stray (n+1)-th step at t = −1
+        ts = np.round(np.arange(T, 0, -T / n))[:n] - 1
+    return ts.astype(np.float64)
 
 
-class _Sampler:
+def karras_sigmas(a: torch.Tensor, timesteps: np.ndarray) -> torch.Tensor:
+    """σ(t) = √((1−ᾱ_t)/ᾱ_t), linearly interpolated at (possibly fractional) t, then a final σ = 0; float32.
+
+    Outside [0, T−1] numpy's interp would clamp; `Sampler.check_range` keeps the timesteps inside."""
+    table = (((1 - a) / a) ** 0.5).numpy()  # float32, as the reference
+    sigmas = np.interp(timesteps, np.arange(len(table)), table)
+    return torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+
+
+# ---------------------------------------------------------------- the interface and the registry
+
+class Sampler:
+    """What the sampling loop needs from a sampler; subclasses implement `update` (and may set the rest).
+
+    timesteps          1-D tensor of the t at which the UNet is called, in order (int64, or float32 for Euler)
+    init_noise_sigma   std of the initial latents: x_T = randn · init_noise_sigma
+    scale_model_input  x ↦ what the UNet sees at t (identity unless the sampler works in another scaling)
+    step               (ε, t, x_t) ↦ x at the next timestep; counts itself in `steps_taken`
+    stochastic         whether `step` draws noise (then a seeded generator is what makes a run repeatable);
+                       read it on an instance (DDIM's depends on its η)
+
+    A subclass writes its maths in `update(eps, t, x, generator)`; one that keeps a σ table or a history
+    gets its step index from `position(t)`, which checks that t is the next of its `timesteps`.
+    A subclass is built as `cls(num_inference_steps, config=SchedulerConfig, **its options)`; `from_config`
+    passes the options by keyword and refuses ones its __init__ does not name.
+    """
+    name: ClassVar[str] = ""           # registry key, set by @register
+    description: ClassVar[str] = ""    # one line for a CLI's --help
+    default_spacing: ClassVar[str] = "leading"
+    fixed_config: ClassVar[dict] = {}  # diffusers config keys this class implements at one value only
+    stochastic: ClassVar[bool] = False
+    init_noise_sigma: float = 1.0
+
     def __init__(self, num_inference_steps: int = 50, config: SchedulerConfig | None = None):
         self.config = config or SchedulerConfig()
+        T = self.config.num_train_timesteps
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
-        self.timesteps = leading_timesteps(self.config, num_inference_steps)  # validates the step count
-        self.step_ratio = self.config.num_train_timesteps // num_inference_steps  # t → t_prev = t − step_ratio
+        self.timestep_spacing = self.config.timestep_spacing or self.default_spacing
         self.alphas_cumprod = alphas_cumprod(self.config)
+        self.timesteps = torch.zeros(0, dtype=torch.int64)  # the subclass sets the schedule
+        self.steps_taken = 0  # a pipeline refuses an object that has already been stepped
+
+    def check_range(self, ts: np.ndarray) -> np.ndarray:
+        """Refuse a schedule past the last trained timestep ('leading' with steps_offset 1 at n = T, or
+        DPM-Solver++'s n+1-point 'leading' at n = T − 1, where diffusers steps from t = T and returns inf)."""
+        T = self.config.num_train_timesteps
+        if ts.max() >= T:
+            raise ValueError(f"num_inference_steps={self.num_inference_steps} with {self.timestep_spacing!r} spacing "
+                             f"and steps_offset={self.config.steps_offset} would reach timestep {int(ts.max())}, "
+                             f"past the last trained timestep {T - 1}")
+        return ts
+
+    def scale_model_input(self, x: torch.Tensor, t) -> torch.Tensor:
+        return x
+
+    def step(self, eps: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_t → x_{t_prev} by the subclass's `update`; t is an element of `timesteps` (tensor or number)."""
+        x_prev = self.update(eps, t, x, generator)
+        self.steps_taken += 1
+        return x_prev
+
+    def update(self, eps: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def position(self, t) -> int:
+        """Index i of the step under way, checked against t: samplers with a σ table or a history of past
+        predictions must be stepped through `timesteps` in order, once each."""
+        i = self.steps_taken
+        if i >= len(self.timesteps):
+            raise ValueError(f"{type(self).__name__} has taken all its {len(self.timesteps)} steps; use a fresh one")
+        if float(t) != float(self.timesteps[i]):
+            raise ValueError(f"{type(self).__name__} steps through its timesteps in order: step {i} is at "
+                             f"t={self.timesteps[i].item()}, got t={float(t)}")
+        return i
+
+
+SAMPLERS: dict[str, type[Sampler]] = {}
+
+
+def register(name: str):
+    """Class decorator: add a Sampler subclass to `SAMPLERS` under `name` (lower case; what --scheduler takes)."""
+    def add(cls: type[Sampler]) -> type[Sampler]:
+        if name != name.lower() or name in SAMPLERS:
+            raise ValueError(f"sampler name {name!r} must be lower case and not yet taken ({', '.join(SAMPLERS)})")
+        if not issubclass(cls, Sampler):
+            raise TypeError(f"{cls.__name__} must subclass schedulers.Sampler")
+        cls.name = name
+        SAMPLERS[name] = cls
+        return cls
+    return add
+
+
+def from_config(config: dict, name: str, num_inference_steps: int = 50, **options) -> Sampler:
+    """Sampler `name` (a key of SAMPLERS) from a scheduler_config.json dict, like diffusers'
+    `<Class>.from_config(config)`: its _class_name is ignored and keys another sampler uses are skipped."""
+    cls = SAMPLERS.get(name.lower()) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown scheduler {name!r}: expected one of {', '.join(SAMPLERS)}")
+    takes = [p for p in inspect.signature(cls.__init__).parameters
+             if p not in ("self", "num_inference_steps", "config")]
+    for key in options:
+        if key not in takes:
+            raise ValueError(f"scheduler {cls.name!r} takes no option {key!r} "
+                             f"(its options: {', '.join(takes) or 'none'})")
+    for key, value in cls.fixed_config.items():
+        given = config.get(key, value)
+        if (bool(given) != value) if isinstance(value, bool) else (given != value):  # a saved null reads as False
+            raise ValueError(f"unsupported scheduler config {key}={given!r}: "
+                             f"{cls.name!r} implements {key}={value!r} only")
+    return cls(num_inference_steps, config=SchedulerConfig.from_dict(config), **options)
+
+
+# ---------------------------------------------------------------- DDIM and PNDM: integer timesteps, t → t − ⌊T/n⌋
+
+class _DiscreteSampler(Sampler):
+    """DDIM and PNDM step from t to t − ⌊T/n⌋ whatever the spacing (diffusers does; for 'leading' it is the
+    next timestep, for 'linspace'/'trailing' it can differ from it by a few)."""
+
+    def __init__(self, num_inference_steps: int = 50, config: SchedulerConfig | None = None):
+        super().__init__(num_inference_steps, config)
+        ts = self.check_range(spaced_timesteps(self.config, num_inference_steps, self.timestep_spacing))
+        self.timesteps = torch.from_numpy(ts.astype(np.int64))
+        self.step_ratio = self.config.num_train_timesteps // num_inference_steps
 
     def alpha_bar(self, t: int) -> torch.Tensor:
         """ᾱ_t; below t = 0 (the step past the last timestep) it is 1 if set_alpha_to_one, else ᾱ_0."""
@@ -91,7 +235,8 @@ class _Sampler:
         return torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
 
-class DDIM(_Sampler):
+@register("ddim")
+class DDIM(_DiscreteSampler):
     """DDIM sampler (Song et al. 2020, "Denoising Diffusion Implicit Models"), eq. 12:
 
         x̂_0    = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t
@@ -102,6 +247,7 @@ class DDIM(_Sampler):
     with torch.randn on the generator's device (CPU when generator is None), then moved to x's device,
     so a seeded torch.Generator reproduces diffusers' DDIMScheduler noise draw for draw.
     """
+    description = "DDIM (Song et al. 2020); deterministic at eta=0, eta>0 adds noise"
 
     def __init__(self, num_inference_steps: int = 50, eta: float = 0.0, config: SchedulerConfig | None = None):
         if eta < 0:
@@ -109,7 +255,11 @@ class DDIM(_Sampler):
         super().__init__(num_inference_steps, config)
         self.eta = eta
 
-    def step(self, eps: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    def update(self, eps, t, x, generator=None):
         t = int(t)
         a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t - self.step_ratio)
         x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
@@ -122,7 +272,8 @@ class DDIM(_Sampler):
         return x_prev
 
 
-class PNDM(_Sampler):
+@register("pndm")
+class PNDM(_DiscreteSampler):
     """PNDM with skip_prk_steps, i.e. PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion
     Models on Manifolds"), as SD 1.4 uses it. Every update is the transfer step φ (eq. 11),
 
@@ -137,9 +288,10 @@ class PNDM(_Sampler):
     Hence `timesteps` holds t_1 twice (n+1 UNet calls for n ≥ 2; 50 steps: 981, 961, 961, 941, …, 1).
 
     State: `eps_history` (past eps, oldest first, at most 4), `first_sample` (x_{t_0}, kept between
-    calls 0 and 1) and `n_calls`. This state ties the object to one trajectory: use a fresh PNDM per
-    generation.
+    calls 0 and 1) and `steps_taken` (the call number). This state ties the object to one trajectory:
+    use a fresh PNDM per generation.
     """
+    description = "PLMS/PNDM (Liu et al. 2022), SD 1.4's default; deterministic"
 
     def __init__(self, num_inference_steps: int = 50, config: SchedulerConfig | None = None):
         super().__init__(num_inference_steps, config)
@@ -149,7 +301,6 @@ class PNDM(_Sampler):
         self.timesteps = torch.cat([ts[:1], ts[1:2], ts[1:]]) if len(ts) >= 2 else ts
         self.eps_history: list[torch.Tensor] = []
         self.first_sample: torch.Tensor | None = None
-        self.n_calls = 0
 
     def transfer(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
         """φ(x_t, ε, t, t_prev) from the class docstring."""
@@ -157,33 +308,130 @@ class PNDM(_Sampler):
         denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
         return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denom
 
-    def step(self, eps: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def update(self, eps, t, x, generator=None):
         """One PLMS update; `generator` is accepted for interface parity and unused (PNDM is deterministic)."""
         t = int(t)
-        if self.n_calls == 1:  # Heun correction: same interval t_0 → t_1 again, from x_{t_0}
+        if self.steps_taken == 1:  # Heun correction: same interval t_0 → t_1 again, from x_{t_0}
             eps_used = (eps + self.eps_history[-1]) / 2
             x, t_from, t_to = self.first_sample, t + self.step_ratio, t
             self.first_sample = None
         else:
             self.eps_history = self.eps_history[-3:] + [eps]
-            if self.n_calls == 0:
+            if self.steps_taken == 0:
                 self.first_sample = x
             nums, den = PLMS_COEFFS[len(self.eps_history)]
             combo = sum(c * e for c, e in zip(nums, reversed(self.eps_history)))
             # the reference divides by 2 and 12 but multiplies by 1/24; rounding alike keeps a seed's bits
             eps_used = combo * (1 / den) if den == 24 else combo / den
             t_from, t_to = t, t - self.step_ratio
-        self.n_calls += 1
         return self.transfer(x, eps_used, t_from, t_to)
 
 
-def from_config(config: dict, name: str, num_inference_steps: int = 50, eta: float = 0.0) -> _Sampler:
-    """Sampler `name` ("pndm" or "ddim") from a scheduler_config.json dict; its _class_name is ignored."""
-    cfg = SchedulerConfig.from_dict(config)
-    if name.lower() == "ddim":
-        return DDIM(num_inference_steps, eta=eta, config=cfg)
-    if name.lower() == "pndm":
-        if eta != 0:
-            raise ValueError(f"eta={eta} applies to DDIM only; PNDM is deterministic")
-        return PNDM(num_inference_steps, config=cfg)
-    raise ValueError(f"unknown scheduler {name!r}: expected 'pndm' or 'ddim'")
+# ---------------------------------------------------------------- DPM-Solver++(2M) and Euler: a σ table
+
+def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Karras σ → DPM-Solver's (α_t, σ_t) = (1/√(σ²+1), σ/√(σ²+1)), i.e. (√ᾱ_t, √(1−ᾱ_t))."""
+    alpha = 1 / (sigma ** 2 + 1) ** 0.5
+    return alpha, sigma * alpha
+
+
+@register("dpmpp2m")
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models", arXiv 2211.01095), Algorithm 2, as diffusers' DPMSolverMultistepScheduler builds
+    it from SD 1.4's config (dpmsolver++, solver_order 2, midpoint, lower_order_final, final σ = 0).
+
+    With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t) and λ_t = log(α_t/σ_t), the solver integrates the data prediction
+        x_θ(x_t, t) = (x_t − σ_t ε_θ(x_t, t)) / α_t.
+    Step i takes x̃_{t_{i−1}} to x̃_{t_i}, with h_i = λ_{t_i} − λ_{t_{i−1}}:
+      first order (i = 1, no history yet; and the last step, where σ_{t_M} = 0, λ = ∞ and x̃_{t_M} = x_θ),
+      which is DDIM with η = 0:
+        x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) x̃_{t_{i−1}} − α_{t_i} (e^{−h_i} − 1) x_θ(x̃_{t_{i−1}}, t_{i−1})
+      second order (multistep midpoint), r_i = h_{i−1}/h_i:
+        D_i     = (1 + 1/(2r_i)) x_θ(x̃_{t_{i−1}}, t_{i−1}) − 1/(2r_i) x_θ(x̃_{t_{i−2}}, t_{i−2})
+        x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) x̃_{t_{i−1}} − α_{t_i} (e^{−h_i} − 1) D_i
+    Timesteps: 'linspace' (default) is n+1 points on [0, T−1] without the last (20 steps: 999, 949, …, 50),
+    'leading' likewise from ⌊T/(n+1)⌋; α, σ are read from the σ table interpolated there (`karras_sigmas`).
+
+    diffusers' lower_order_final / euler_at_final change nothing here: with the final σ = 0 the last step is
+    first order anyway. State: `x0_history` (x_θ of the last two steps, newest last) and `steps_taken`:
+    one object, one trajectory.
+    """
+    description = "DPM-Solver++(2M) (Lu et al. 2022), good in about 20 steps; deterministic"
+    default_spacing = "linspace"
+    fixed_config = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+                    "final_sigmas_type": "zero", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                    "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
+                    "lambda_min_clipped": -math.inf, "variance_type": None, "use_dynamic_shifting": False}
+
+    def __init__(self, num_inference_steps: int = 50, config: SchedulerConfig | None = None):
+        super().__init__(num_inference_steps, config)
+        n, spacing = num_inference_steps, self.timestep_spacing
+        # linspace/leading: n+1 points and drop t = 0, which only the final σ = 0 stands for
+        ts = spaced_timesteps(self.config, n, spacing) if spacing == "trailing" else \
+            spaced_timesteps(self.config, n + 1, spacing)[:-1]
+        self.check_range(ts)
+        self.timesteps = torch.from_numpy(ts.astype(np.int64))
+        self.sigmas = karras_sigmas(self.alphas_cumprod, ts)  # (n+1,), float32, last 0
+        self.x0_history: list[torch.Tensor] = []
+
+    def update(self, eps, t, x, generator=None):
+        i = self.position(t)
+        alpha_s0, sigma_s0 = _alpha_sigma(self.sigmas[i])
+        alpha_t, sigma_t = _alpha_sigma(self.sigmas[i + 1])
+        x0 = (x - sigma_s0 * eps) / alpha_s0  # x_θ(x̃_{t_{i−1}}, t_{i−1}) in the sample's dtype
+        self.x0_history = self.x0_history[-1:] + [x0]
+        dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))  # diffusers upcasts fp16/bf16
+        lam_t, lam_s0 = torch.log(alpha_t) - torch.log(sigma_t), torch.log(alpha_s0) - torch.log(sigma_s0)
+        h = lam_t - lam_s0
+        if i == 0 or i == len(self.timesteps) - 1:  # first order: no history yet / σ_{t_M} = 0
+            x_prev = (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+        else:
+            alpha_s1, sigma_s1 = _alpha_sigma(self.sigmas[i - 1])
+            r = (lam_s0 - (torch.log(alpha_s1) - torch.log(sigma_s1))) / h  # r_i = h_{i−1}/h_i
+            D0, D1 = x0, (1.0 / r) * (x0 - self.x0_history[0])  # D_i = D0 + D1/2 (diffusers' grouping)
+            x_prev = ((sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * D0
+                      - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1)
+        return x_prev.to(dtype)
+
+
+@register("euler")
+class Euler(Sampler):
+    """Euler sampler of Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative
+    Models", arXiv 2206.00364), Algorithm 2 with S_churn = 0 and no second-order correction (i.e. the Euler
+    step of Algorithm 1, lines 4–5), as diffusers' EulerDiscreteScheduler builds it from SD 1.4's config.
+
+    Karras' x lives at noise level σ: x = x_0 + σ n, with σ_t = √((1−ᾱ_t)/ᾱ_t) (their VP σ(t)). The ε-model is
+    preconditioned as in their Table 1 (VP): c_in = 1/√(σ²+1), c_skip = 1, c_out = −σ, so
+        `scale_model_input`:  x ↦ x / √(σ²+1)          (= √ᾱ_t x_0 + √(1−ᾱ_t) n, the UNet's training input)
+        D_θ(x; σ) = x − σ ε_θ(x/√(σ²+1), t)            (x̂_0)
+        d_i       = (x_i − D_θ(x_i; σ_i)) / σ_i         (dx/dσ of the probability-flow ODE)
+        x_{i+1}   = x_i + (σ_{i+1} − σ_i) d_i           (σ_{n} = 0 closes the schedule)
+    σ_i is σ(t) interpolated linearly at the timesteps, which are floats for 'linspace' (the default:
+    n points on [0, T−1], 20 steps: 999, 946.4…, …, 0). The initial noise is N(0, σ_max²) for linspace and
+    trailing, and N(0, σ_max² + 1) for leading (diffusers' `init_noise_sigma`).
+    """
+    description = "Euler (Karras et al. 2022, Alg. 2 without churn), sigma-scaled input; deterministic"
+    default_spacing = "linspace"
+    fixed_config = {"interpolation_type": "linear", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                    "use_beta_sigmas": False, "timestep_type": "discrete", "final_sigmas_type": "zero"}
+
+    def __init__(self, num_inference_steps: int = 50, config: SchedulerConfig | None = None):
+        super().__init__(num_inference_steps, config)
+        ts = spaced_timesteps(self.config, num_inference_steps, self.timestep_spacing, rounded=False)
+        ts = self.check_range(ts).astype(np.float32)  # diffusers interpolates at the float32 timesteps
+        self.timesteps = torch.from_numpy(ts)
+        self.sigmas = karras_sigmas(self.alphas_cumprod, ts)  # (n+1,), float32, last 0
+        s_max = self.sigmas.max()
+        self.init_noise_sigma = float(s_max if self.timestep_spacing != "leading" else (s_max ** 2 + 1) ** 0.5)
+
+    def scale_model_input(self, x, t):
+        return x / (self.sigmas[self.position(t)] ** 2 + 1) ** 0.5
+
+    def update(self, eps, t, x, generator=None):
+        i = self.position(t)
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))  # diffusers upcasts fp16/bf16
+        x0 = x - sigma * eps  # D_θ(x_i; σ_i)
+        d = (x - x0) / sigma
+        return (x + d * (sigma_next - sigma)).to(dtype)

@@ -218,7 +218,7 @@ def test_pndm_first_step_heun_with_constant_eps():
     ("trained_betas", [0.1] * 1000, "trained_betas"),
     ("clip_sample", True, "clip_sample"),
     ("thresholding", True, "thresholding"),
-    ("timestep_spacing", "trailing", "timestep_spacing"),
+    ("timestep_spacing", "quadratic", "timestep_spacing"),
     ("beta_schedule", "squaredcos_cap_v2", "beta_schedule"),
 ])
 def test_unsupported_config_rejected(key, value, match):
@@ -241,11 +241,12 @@ def test_bad_step_counts_rejected(cls, n):
 
 def test_other_errors():
     with pytest.raises(ValueError, match="unknown scheduler"):
-        schedulers.from_config(SD14_CONFIG, "euler", num_inference_steps=10)
+        schedulers.from_config(SD14_CONFIG, "heun", num_inference_steps=10)
     with pytest.raises(ValueError, match="eta"):
         DDIM(10, eta=-0.1)
-    with pytest.raises(ValueError, match="eta"):
-        schedulers.from_config(SD14_CONFIG, "pndm", num_inference_steps=10, eta=0.5)
+    for eta in (0.5, 0.0):  # PNDM takes no eta at all, not even a harmless one
+        with pytest.raises(ValueError, match="eta"):
+            schedulers.from_config(SD14_CONFIG, "pndm", num_inference_steps=10, eta=eta)
     with pytest.raises(ValueError, match="skip_prk_steps"):
         PNDM(10, config=SchedulerConfig(skip_prk_steps=False))
 
@@ -282,27 +283,38 @@ def _rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_timesteps_match_diffusers_for_every_step_count(diffusers):
-    ddim, pndm = (cls.from_config(SD14_CONFIG) for cls in (diffusers.DDIMScheduler, diffusers.PNDMScheduler))
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_timesteps_match_diffusers_for_every_step_count(diffusers, spacing):
+    cfg = {**SD14_CONFIG, "timestep_spacing": spacing}
+    ddim, pndm = (cls.from_config(cfg) for cls in (diffusers.DDIMScheduler, diffusers.PNDMScheduler))
     for n in range(1, 1000):
         ddim.set_timesteps(n)
         pndm.set_timesteps(n)
-        assert DDIM(n).timesteps.tolist() == ddim.timesteps.tolist(), n
-        assert PNDM(n).timesteps.tolist() == pndm.timesteps.tolist(), n
+        ours_d, ours_p = (schedulers.from_config(cfg, name, n).timesteps.tolist() for name in ("ddim", "pndm"))
+        ref_d, ref_p = ddim.timesteps.tolist(), pndm.timesteps.tolist()
+        if spacing == "trailing" and len(ref_d) > n:  # diffusers' float arange adds t = −1 for some n; we do not
+            assert ref_d[-1] == ref_p[-1] == -1, n
+            ref_d, ref_p = ref_d[:-1], ref_p[:-1]
+        assert ours_d == ref_d, n
+        assert ours_p == ref_p, n
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 @pytest.mark.parametrize("n", STEP_COUNTS)
-def test_pndm_matches_diffusers(diffusers, n):
-    theirs = diffusers.PNDMScheduler.from_config(SD14_CONFIG)
+def test_pndm_matches_diffusers(diffusers, n, spacing):
+    cfg = {**SD14_CONFIG, "timestep_spacing": spacing}
+    theirs = diffusers.PNDMScheduler.from_config(cfg)
     theirs.set_timesteps(n)
-    a, b = _run(schedulers.from_config(SD14_CONFIG, "pndm", num_inference_steps=n), theirs, n)
+    a, b = _run(schedulers.from_config(cfg, "pndm", num_inference_steps=n), theirs, n)
     assert _rel_err(a, b) <= 1e-5  # fp32 trajectories: max|a−b| / max|b| ≤ 1e-5
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 @pytest.mark.parametrize("n", STEP_COUNTS)
-def test_ddim_matches_diffusers(diffusers, n, eta):
-    theirs = diffusers.DDIMScheduler.from_config(SD14_CONFIG)
+def test_ddim_matches_diffusers(diffusers, n, eta, spacing):
+    cfg = {**SD14_CONFIG, "timestep_spacing": spacing}
+    theirs = diffusers.DDIMScheduler.from_config(cfg)
     theirs.set_timesteps(n)
-    a, b = _run(schedulers.from_config(SD14_CONFIG, "ddim", num_inference_steps=n, eta=eta), theirs, n, eta=eta)
+    a, b = _run(schedulers.from_config(cfg, "ddim", num_inference_steps=n, eta=eta), theirs, n, eta=eta)
     assert _rel_err(a, b) <= 1e-5  # fp32 trajectories, same seed for both generators: ≤ 1e-5 relative
