@@ -1,3 +1,4 @@
+"""`python -m sld_minimal …`: the same command line as `sld-minimal …` (`cli.py`)."""
 import sys
 
 from .cli import main

@@ -2,23 +2,16 @@
 
 Every bad input ends in one line on stderr and a non-zero exit; `--debug` shows the traceback instead.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
 
-DEFAULT_WEIGHTS = Path("weights/stable-diffusion-v1-4")
+from .cli_common import DEFAULT_WEIGHTS, Parser, UsageError, pick_device, pick_dtype
+from .methods import PRESETS
+from .schedulers import SAMPLERS, describe as describe_samplers
+
 REPO_ID = "CompVis/stable-diffusion-v1-4"
 EXIT_USAGE, EXIT_ERROR = 2, 1
-
-
-class UsageError(Exception):
-    """A bad command line, reported as one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message over two lines; one line is enough
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def download_files(fp16: bool) -> list:
@@ -54,32 +47,9 @@ def download(to: Path, fp16: bool = False, quiet: bool = False) -> Path:
     return to
 
 
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[name]:
-        raise UsageError(f"--device {name}: no such device on this machine (try --device cpu)")
-    return name
-
-
-def pick_dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        name = "fp32" if device == "cpu" else "fp16"
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def output_paths(out: Path, n: int) -> list:
-    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
-
-
 def cmd_generate(a):
     from .guidance import Edit, SafetyConfig
-    from .pipeline import StableDiffusion
+    from .pipeline import StableDiffusion, output_paths
 
     if a.safety == "off" and a.safety_concept is not None:
         raise UsageError("--safety-concept needs a safety preset (it has no effect with --safety off)")
@@ -141,7 +111,7 @@ def build_parser() -> Parser:
     g.add_argument("--ema", action="store_true", help="a single file's EMA UNet weights (model_ema.*)")
     g.add_argument("--out", default="image.png", help="PNG path; with several images: stem-0.png, stem-1.png, …")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g.add_argument("--safety", default="medium", type=str.lower, choices=["off", "weak", "medium", "strong", "max"])
+    g.add_argument("--safety", default="medium", type=str.lower, choices=list(PRESETS), help="SLD preset")
     g.add_argument("--safety-concept", help="text of the concept SLD steers away from (default: the paper's)")
     g.add_argument("--negative-prompt")
     g.add_argument("--steps", type=int, default=50)
@@ -150,7 +120,7 @@ def build_parser() -> Parser:
     g.add_argument("--height", type=int, default=512)
     g.add_argument("--width", type=int, default=512)
     g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim"])
+    g.add_argument("--scheduler", default="pndm", choices=list(SAMPLERS), help=describe_samplers())
     g.add_argument("--eta", type=float, default=0.0, help="DDIM's η (0 = deterministic)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])

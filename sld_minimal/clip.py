@@ -80,20 +80,11 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class Embedding(nn.Embedding):
-    """nn.Embedding without its random init on the `meta` device, where the loader builds it before assigning the
-    file's weights: torch's meta `normal_` imports torch._dynamo, about 2 s of a load that is otherwise ~1 s."""
-
-    def reset_parameters(self):
-        if not self.weight.is_meta:
-            super().reset_parameters()
-
-
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, ids):  # (B, T) int64
         positions = torch.arange(ids.shape[1], device=ids.device)  # the file's `position_ids` buffer, recomputed

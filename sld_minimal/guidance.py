@@ -8,7 +8,7 @@ Pure functions on noise estimates, no model inside. Every ε is a U-Net output o
     SLD  (Schramowski et al., arXiv 2211.05105)      ε̂ = ε_∅ + s_g·(ε_p − ε_∅ − γ)
     SEGA (Brack et al., arXiv 2301.12247)            ε̂ = ε_∅ + s_g·(ε_p − ε_∅) + γ̂
 
-The pipeline composes them by adding the SEGA term after guidance:
+`methods.py` composes them into guidance methods by adding the SEGA term after guidance:
     ε̂ = cfg_guidance(ε_∅, ε_p, s_g) + term            (SEGA alone)
     ε̂ = sld_guidance(ε_∅, ε_p, ε_S, ...)[0] + term    (SLD and SEGA)
 diffusers' SEGA pipeline sums in the order ε_∅ + (s_g·(ε_p − ε_∅) + term): equal up to rounding.
@@ -63,6 +63,13 @@ class SafetyConfig:
     momentum_scale: float = 0.3     # s_m, weight of the momentum ν inside γ
     momentum_beta: float = 0.4      # β_m, how much of ν is kept per step
     concept: str = DEFAULT_CONCEPT  # c_S, the text whose direction is steered away from
+
+    @property
+    def enabled(self) -> bool:
+        """The rule of the authors' and diffusers' pipelines: s_S ≤ 1 turns SLD off for this concept (no safety
+        branch, no momentum). The pure functions below apply any s_S they are given; the methods (methods.py) and
+        the pipeline use only configs with `enabled`."""
+        return self.scale > 1.0
 
     def __post_init__(self):
         # frozen dataclass: normalise types through object.__setattr__
@@ -139,17 +146,38 @@ def sld_guidance(eps_uncond, eps_text, eps_safety, guidance_scale, safety: Safet
 
     As in the authors' code, ν is updated on every step, warm-up included, so guidance starts
     with momentum already built up. Operations run in the order of diffusers'
-    StableDiffusionPipelineSafe, so the results match it bit for bit. Note that the diffusers
-    pipeline turns SLD off entirely when s_S ≤ 1; here any s_S is applied as given (s_S = 0 is CFG).
+    StableDiffusionPipelineSafe, so the results match it bit for bit. Any s_S is applied as given
+    (s_S = 0 is CFG); the pipelines' rule that s_S ≤ 1 turns SLD off is `SafetyConfig.enabled`.
     """
+    eps, (momentum,), _, _ = multi_sld_guidance(eps_uncond, eps_text, [eps_safety], guidance_scale, [safety], step,
+                                                [momentum])
+    return eps, momentum
+
+
+def multi_sld_guidance(eps_uncond, eps_text, eps_safeties, guidance_scale, safeties, step: int, momenta=None):
+    """SLD with several safety concepts c = 1..K, each with its own s_S, δ, λ, s_m, β_m and momentum ν_c — an
+    extension beyond the paper, which steers from one concept. Returns (ε̂, [ν_c], [γ_c], [μ_c]).
+
+        γ_c = μ_c ⊙ (ε_{S,c} − ε_∅) + s_{m,c}·ν_c,   ν_c ← β_{m,c}·ν_c + (1 − β_{m,c})·γ_c   (each c, every step)
+        ε̂ = ε_∅ + s_g·(ε_p − ε_∅ − Σ_{c: step ≥ δ_c} γ_c)
+
+    With one concept this is `sld_guidance`, operation for operation (the same bits). `momenta`: ν_c per concept
+    (None, or a list holding None, = 0)."""
     guidance = eps_text - eps_uncond                                    # ε_p − ε_∅
-    if momentum is None:
-        momentum = torch.zeros_like(guidance)                           # ν_0 = 0
-    gamma, _ = safety_term(eps_uncond, eps_text, eps_safety, safety, momentum)
-    momentum = safety.momentum_beta * momentum + (1 - safety.momentum_beta) * gamma
-    if step >= safety.warmup_steps:
-        guidance = guidance - gamma
-    return eps_uncond + guidance_scale * guidance, momentum
+    momenta = list(momenta) if momenta is not None else [None] * len(safeties)
+    _check(len(eps_safeties) == len(safeties) == len(momenta),
+           f"got {len(eps_safeties)} safety estimates, {len(safeties)} configs, {len(momenta)} momenta")
+    new_momenta, gammas, mus = [], [], []
+    for eps_safety, safety, momentum in zip(eps_safeties, safeties, momenta):
+        if momentum is None:
+            momentum = torch.zeros_like(guidance)                       # ν_0 = 0
+        gamma, mu = safety_term(eps_uncond, eps_text, eps_safety, safety, momentum)
+        new_momenta.append(safety.momentum_beta * momentum + (1 - safety.momentum_beta) * gamma)
+        if step >= safety.warmup_steps:
+            guidance = guidance - gamma
+        gammas.append(gamma)
+        mus.append(mu)
+    return eps_uncond + guidance_scale * guidance, new_momenta, gammas, mus
 
 
 # ----------------------------------------------------------------------------- SEGA
@@ -215,7 +243,13 @@ def edit_directions(eps_uncond, eps_edits, edits, step: int) -> list[torch.Tenso
 
 def sega_guidance(eps_uncond, eps_edits, edits, step: int, momentum=None, momentum_scale=0.1,
                   momentum_beta=0.4) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SEGA term γ̂ to add to the guided estimate, and the momentum ν (SEGA eqs. 7-9).
+    """The SEGA term γ̂ to add to the guided estimate, and the momentum ν (SEGA eqs. 7-9); see `sega_terms`."""
+    return sega_terms(eps_uncond, eps_edits, edits, step, momentum, momentum_scale, momentum_beta)[:2]
+
+
+def sega_terms(eps_uncond, eps_edits, edits, step: int, momentum=None, momentum_scale=0.1, momentum_beta=0.4):
+    """(γ̂, ν, [μ ⊙ ψ_c]): the SEGA term to add to the guided estimate, the momentum (SEGA eqs. 7-9), and each
+    concept's masked direction from `edit_directions` (zeros once cooled down).
 
     With ψ_c from edit_directions and weights g_c (0 when negative or once cooled down):
 
@@ -237,8 +271,9 @@ def sega_guidance(eps_uncond, eps_edits, edits, step: int, momentum=None, moment
     if momentum is None:
         momentum = torch.zeros_like(eps_uncond)                         # ν_0 = 0
     if len(edits) == 0:
-        return torch.zeros_like(eps_uncond), momentum
-    psi = torch.stack(edit_directions(eps_uncond, eps_edits, edits, step))  # (E, B, C, h, w)
+        return torch.zeros_like(eps_uncond), momentum, []
+    directions = edit_directions(eps_uncond, eps_edits, edits, step)
+    psi = torch.stack(directions)                                       # (E, B, C, h, w)
     # g_c laid out per concept and sample, (E, B), as in the reference's einsum
     g = [0.0 if edit.cooled(step) else edit.weight for edit in edits]
     g = torch.tensor(g, dtype=eps_uncond.dtype, device=eps_uncond.device)[:, None].repeat(1, eps_uncond.shape[0])
@@ -257,4 +292,4 @@ def sega_guidance(eps_uncond, eps_edits, edits, step: int, momentum=None, moment
     momentum = momentum_beta * momentum + (1 - momentum_beta) * s
     if len(warm) == len(edits):
         term = s
-    return term, momentum
+    return term, momentum, directions

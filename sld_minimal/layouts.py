@@ -9,9 +9,10 @@
 
 `compvis_name` maps a module (= published diffusers) key to its CompVis name: a few renames (`UNET_TOP`, `RESNET`,
 `VAE`) plus the block numbering, derived from the config. Loading inverts it for exactly the keys the module expects
-and reads through `loading.read_state_dict`: every tensor present, every shape right, nothing unexpected, or an
-error naming the file's key. A single file has no configs, scheduler or tokenizer: SD 1.4's are used (files written
-by `convert` carry their configs in the safetensors metadata), and `tokenizer.py` derives CLIP's tokenizer.
+and reads through `weights.read_state_dict`: every tensor present, every shape right, nothing unexpected, or an
+error naming the file's key. A single file has no configs, scheduler or tokenizer: SD 1.4's are used (the config
+dataclasses' defaults, `folder.SCHEDULER_CONFIG`; files written by `convert` carry their configs in the safetensors
+metadata), and `tokenizer.py` derives CLIP's tokenizer. `convert` writes either layout from the other.
 """
 import dataclasses
 import json
@@ -26,12 +27,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import tiny
 from .clip import CLIPTextConfig
-from .loading import (COMPONENTS, PICKLE_SUFFIXES, WeightsError, build, canonical_key, check_folder,
-                      config_from_dict, read_config, read_state_dict, weights_file)
+from .folder import SCHEDULER_CONFIG, STEMS, canonical_key, check_folder, extra_tensors, weights_file, write_folder
+from .tokenizer import write_clip_tokenizer
 from .unet import UNetConfig
 from .vae import VAEConfig
+from .weights import MODELS, PICKLE_SUFFIXES, WeightsError, build, config_from_dict, read_config, read_state_dict
 
 PREFIX = {"text_encoder": "cond_stage_model.transformer.", "unet": "model.diffusion_model.",
           "vae": "first_stage_model."}
@@ -182,7 +183,7 @@ def load_single_file(path, device="cpu", dtype=torch.float32, configs=None, ema=
             return {k: v.reshape(expected[k]) for k, v in state.items()}
         return read
 
-    return {c: build(c, configs[c], reader(c)) for c in DEFAULTS}, stored.get("scheduler", tiny.SCHEDULER_CONFIG)
+    return {c: build(c, configs[c], reader(c)) for c in DEFAULTS}, stored.get("scheduler", SCHEDULER_CONFIG)
 
 
 def convert(src, dst, ema=False, tokenizer=None) -> Path:
@@ -211,9 +212,10 @@ def convert(src, dst, ema=False, tokenizer=None) -> Path:
 
 def folder_to_file(folder, dst: Path) -> Path:
     folder, tensors, configs = check_folder(folder), {}, {}
-    for c, (stem, _, config_cls) in COMPONENTS.items():
-        path, configs[c] = weights_file(folder / c, stem), read_config(config_cls, folder / c / "config.json")
-        model = build(c, configs[c], lambda expected: read_state_dict(path, c, expected, "cpu", None))  # strict
+    for c, (_, config_cls) in MODELS.items():
+        path, configs[c] = weights_file(folder / c, STEMS[c]), read_config(config_cls, folder / c / "config.json")
+        rename = lambda key: canonical_key(c, key)  # noqa: E731
+        model = build(c, configs[c], lambda expected: read_state_dict(path, c, expected, "cpu", None, rename))  # strict
         with safe_open(str(path), framework="pt", device="cpu") as f:  # what the loader skips is carried over as is
             extras = {canonical_key(c, k, skip=False): f.get_tensor(k) for k in f.keys() if not canonical_key(c, k)}
         for k, v in {**model.state_dict(), **extras}.items():
@@ -225,24 +227,21 @@ def folder_to_file(folder, dst: Path) -> Path:
 
 
 def file_to_folder(path, dst: Path, ema=False, tokenizer=None) -> Path:
-    from .tokenizer import write_clip_tokenizer
-
     models, scheduler_config = load_single_file(path, "cpu", None, ema=ema)  # strict; the file's dtypes
     configs = {c: m.config for c, m in models.items()}
     dicts = {c: dict(m.state_dict()) for c, m in models.items()}
-    with torch.random.fork_rng(devices=[]):  # (the writer seeds the global generator; on meta it draws nothing)
-        published = tiny.published_state_dicts(*configs.values(), device="meta")
+    extras = extra_tensors(configs["text_encoder"], configs["vae"], device="meta")  # names and shapes only
     with safe_open(str(path), framework="pt", device="cpu") as f:  # + what the loader skips: VAE encoder, position ids
         keys = set(f.keys())
         if not ema and sum(k.startswith("model_ema.") for k in keys) > 2:  # more than decay and num_updates
             warnings.warn(f"{path} also holds EMA UNet weights (model_ema.*), which are not converted; pass --ema "
                           f"(ema=True) to convert those instead of model.diffusion_model.*", stacklevel=3)
-        for c, sd in published.items():
-            for k in sd.keys() - dicts[c].keys():
+        for c, sd in extras.items():
+            for k in sd:
                 if (name := compvis_name(c, k, configs[c])) in keys:
                     v = f.get_tensor(name)
                     dicts[c][k] = v.flatten(1) if c == "vae" and CONV_1X1.search(k) else v  # [C, C, 1, 1] → [C, C]
-    tiny.write_folder(dst, tuple(configs.values()), dicts, scheduler_config)
+    write_folder(dst, tuple(configs.values()), dicts, scheduler_config)
     if tokenizer is None:
         write_clip_tokenizer(dst / "tokenizer")
     else:

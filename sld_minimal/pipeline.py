@@ -4,9 +4,11 @@
     out = pipe("a portrait of a king", safety="strong", seed=0)
     out.save("king.png")
 
-Per step, one batched UNet call evaluates the branches [unconditional, prompt, safety concept, edit concepts…]
-on the same latents; `guidance.py` combines the estimates; the scheduler takes the combined ε to the next latent.
+`StableDiffusion.__call__` is validate → encode → initial latents → sample → decode; the loop itself is
+`sampling.sample`, where the guidance method (methods.py) names the text conditions each step needs and combines
+their estimates (guidance.py holds the math), and the sampler (schedulers.py) takes the result to the next latent.
 """
+import dataclasses
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -15,27 +17,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, guidance as G, schedulers
+from . import methods, schedulers
+from ._version import __version__
 from .clip import tokenize
+from .guidance import PRESETS as SAFETY_PRESETS, Edit, SafetyConfig
 from .loading import load_model
+from .methods import PROMPT, UNCOND
+from .sampling import STOP, StepInfo, initial_latents, sample  # noqa: F401  (the loop's names, here too)
 
-SCHEDULERS = ("pndm", "ddim")
 
 
-@dataclass
-class StepInfo:
-    """What `callback(info)` receives once per step. SLD fields are None where the safety branch was not computed
-    (plain SD, or skipped during warm-up); with a custom `guidance` function, `safety_norm` is ‖ε_cfg − ε̂‖ (the
-    correction it applied) and `mu`/`sld_active` are None."""
-    step: int                    # index into scheduler.timesteps
-    timestep: int
-    latents: torch.Tensor        # the latents the UNet saw at this step, (N, 4, h, w)
-    eps: torch.Tensor            # the guided estimate ε̂ handed to the scheduler
-    sld_active: float | None = None   # share of latent elements with μ > 0
-    cfg_norm: float | None = None     # ‖s_g·(ε_p − ε_∅)‖
-    safety_norm: float | None = None  # ‖s_g·γ‖
-    mu: torch.Tensor | None = None    # SLD's per-element scale μ
-    edits: list = field(default_factory=list)  # per SEGA edit: {"concept", "kept", "norm"}
+class _Default:
+    """`safety=` not given: the medium preset, and no conflict with `method=`."""
+
+    def __repr__(self):
+        return "'medium'"
+
+
+DEFAULT_SAFETY = _Default()
+
+
+def output_paths(path, n: int) -> list:
+    """Where `n` images go: `path` itself for one, else `stem-0.png`, `stem-1.png`, …"""
+    path = Path(path)
+    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
 
 
 @dataclass
@@ -43,34 +48,26 @@ class Output:
     images: np.ndarray    # (N, H, W, 3) float32 in [0, 1], prompt-major
     latents: torch.Tensor  # (N, 4, H/8, W/8)
     seed: int | None
-    parameters: list = field(default_factory=list)  # per image: the text stored in its PNG's `parameters` chunk
+    settings: list = field(default_factory=list)  # per image: its generation settings (a dict), see `render`
+
+    @property
+    def parameters(self) -> list:
+        """Per image: the text stored in its PNG's `parameters` chunk, rendered from `settings`."""
+        return [render(s) for s in self.settings]
 
     def save(self, path) -> list:
         """Write PNGs: `path` itself for one image, else `stem-0.png`, `stem-1.png`, …; folders are created.
         Each PNG carries the generation settings as a `parameters` text chunk."""
         from PIL import Image, PngImagePlugin
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        paths = [path] if len(self.images) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}")
-                                                      for i in range(len(self.images))]
+        paths = output_paths(path, len(self.images))
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
         for i, (p, img) in enumerate(zip(paths, self.images)):
             info = PngImagePlugin.PngInfo()
             if i < len(self.parameters):
                 info.add_text("parameters", self.parameters[i])
             Image.fromarray((img * 255).round().astype(np.uint8)).save(p, pnginfo=info)
         return paths
-
-
-def resolve_safety(safety) -> G.SafetyConfig | None:
-    """`None`/"off" → plain SD; a preset name; or a SafetyConfig as is."""
-    if safety is None or (isinstance(safety, str) and safety.lower() == "off"):
-        return None
-    if isinstance(safety, str):
-        return G.SafetyConfig.preset(safety)
-    if isinstance(safety, G.SafetyConfig):
-        return safety
-    raise TypeError(f"safety must be a preset name, a SafetyConfig or None, not {type(safety).__name__}")
 
 
 class StableDiffusion:
@@ -127,100 +124,101 @@ class StableDiffusion:
         vae_dtype = self.vae.post_quant_conv.weight.dtype
         return torch.cat([self.vae(z[None].to(vae_dtype)) for z in latents]).float()  # one at a time: memory
 
+    def latent_shape(self, n: int, height: int, width: int) -> tuple:
+        """(n, 4, h, w) for images of height × width: the VAE halves the size per level, 8× for SD 1.x."""
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return n, 4, height // f, width // f
+
     @torch.no_grad()
-    def __call__(self, prompt, negative_prompt=None, safety="medium", num_inference_steps=50, guidance_scale=7.5,
-                 height=512, width=512, num_images=1, seed=None, generator=None, scheduler="pndm", eta=0.0,
-                 callback=None, guidance=None, edits=(), edit_momentum_scale=0.1, edit_momentum_beta=0.4,
-                 progress=True) -> Output:
-        """Generate `num_images` images per prompt. `safety`: preset name, SafetyConfig, or None (plain SD).
-        `guidance`: a function with `guidance.sld_guidance`'s signature that replaces it. `edits`: SEGA
-        `guidance.Edit`s. Same seed and settings → the image of diffusers' StableDiffusionPipelineSafe."""
+    def __call__(self, prompt, negative_prompt=None, safety=DEFAULT_SAFETY, num_inference_steps=50,
+                 guidance_scale=7.5, height=512, width=512, num_images=1, seed=None, generator=None, scheduler="pndm",
+                 eta=0.0, callback=None, method=None, edits=(), edit_momentum_scale=0.1, edit_momentum_beta=0.4,
+                 progress=True, guidance=None) -> Output:
+        """Generate `num_images` images per prompt (prompt-major). Same seed and settings → the image of diffusers'
+        StableDiffusionPipelineSafe.
+
+        safety:    a preset name (methods.PRESETS: off, weak, medium, strong, max), a SafetyConfig, a list of them
+                   (several concepts), or None (plain SD); edits: SEGA `guidance.Edit`s.
+        method:    any guidance method object (methods.py) in place of safety/edits, e.g. your own research variant.
+        scheduler: a registry name (schedulers.SAMPLERS) or a fresh Sampler object (its own timesteps win).
+        callback:  called with a StepInfo after every step; may return replacement latents, or STOP.
+        guidance:  deprecated: a function with `guidance.sld_guidance`'s signature; use method= instead."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = self._check(prompts, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                                num_images, scheduler, eta, edits)
-        safety = resolve_safety(safety)
-        cfg_on = guidance_scale > 1.0
-        if safety is not None and not cfg_on:
-            warnings.warn("guidance_scale <= 1 turns classifier-free guidance off, and with it SLD", stacklevel=2)
-        sld_on = safety is not None and safety.scale > 1.0 and cfg_on  # as diffusers: SLD needs s_S > 1 and CFG
-        edits = list(edits) if cfg_on else []
-        if guidance is not None and not sld_on:
-            raise ValueError("guidance= replaces SLD's guidance, which needs a safety config and guidance_scale > 1")
-        sld_fn = guidance or G.sld_guidance
+                                num_images, scheduler, eta)
+        method, configs = self._method(method, safety, edits, guidance, guidance_scale, edit_momentum_scale,
+                                       edit_momentum_beta)
+        sampler = scheduler if isinstance(scheduler, schedulers.Sampler) else schedulers.from_config(
+            self.scheduler_config, scheduler, num_inference_steps, **({"eta": eta} if eta else {}))
 
-        # Conditioning, prompt-major: all images of prompt 0 first. Order of the batch: ∅, prompt, concept, edits.
-        n, N = num_images, len(prompts) * num_images
-        text = self.encode_prompt(prompts).repeat_interleave(n, dim=0)  # (N, 77, d)
-        contexts = [self.encode_prompt(negatives).repeat_interleave(n, dim=0), text] if cfg_on else [text]
-        if sld_on:
-            concept = self.encode_concept(safety.concept).expand(N, -1, -1)
-        edit_contexts = [self.encode_concept(e.concept).expand(N, -1, -1) for e in edits]
+        n = num_images
+        embeddings = {}
+
+        def context(name):  # a condition's text embedding for every image, (N, 77, d); each encoded once per call
+            if name not in embeddings:
+                if name == PROMPT:
+                    embeddings[name] = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
+                elif name == UNCOND:
+                    embeddings[name] = self.encode_prompt(negatives).repeat_interleave(n, dim=0)
+                else:
+                    embeddings[name] = self.encode_concept(methods.concept_text(name)).expand(
+                        len(prompts) * n, -1, -1)
+            return embeddings[name]
 
         if generator is None:  # a caller's generator is used as is (its stream continues across calls)
             seed = random.randrange(2**32) if seed is None else int(seed)
             generator = torch.Generator("cpu").manual_seed(seed)
         else:
             seed = None
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's downscale: 8 for SD 1.x
-        h, w = height // f, width // f
-        latents = torch.randn((N, 4, h, w), generator=generator, device=generator.device, dtype=self.dtype)
-        latents = latents.to(self.device)
-        sampler = schedulers.from_config(self.scheduler_config, scheduler, num_inference_steps,
-                                          **({"eta": eta} if eta else {}))
-
-        momentum = edit_momentum = None
-        steps = sampler.timesteps.tolist()
-        for i, t in enumerate(_progress(steps, progress)):
-            # The safety branch is skipped where it cannot change the output: no momentum and still in warm-up.
-            run_safety = sld_on and (guidance is not None or safety.momentum_scale != 0 or i >= safety.warmup_steps)
-            ctx = torch.cat(contexts + ([concept] if run_safety else []) + edit_contexts)
-            k = len(ctx) // N  # branches this step
-            eps_all = self.unet(torch.cat([latents] * k), t, ctx).chunk(k)  # k × (N, 4, h, w)
-            info = StepInfo(step=i, timestep=t, latents=latents, eps=None)
-            diagnose = callback is not None  # the diagnostics cost extra passes over ε: only for a callback
-            if not cfg_on:
-                eps = eps_all[0]
-            else:
-                eps_u, eps_p = eps_all[:2]
-                if diagnose:
-                    info.cfg_norm = (guidance_scale * (eps_p - eps_u)).norm().item()
-                if run_safety:
-                    eps_s = eps_all[2]
-                    if diagnose and guidance is None:
-                        gamma, mu = G.safety_term(eps_u, eps_p, eps_s, safety, momentum)
-                        info.mu, info.sld_active = mu, (mu > 0).float().mean().item()
-                        info.safety_norm = (guidance_scale * gamma).norm().item()
-                    eps, momentum = sld_fn(eps_u, eps_p, eps_s, guidance_scale, safety, i, momentum)
-                    if diagnose and guidance is not None:
-                        info.safety_norm = (G.cfg_guidance(eps_u, eps_p, guidance_scale) - eps).norm().item()
-                else:
-                    eps = G.cfg_guidance(eps_u, eps_p, guidance_scale)
-                if edits:
-                    eps_e = eps_all[len(eps_all) - len(edits):]
-                    if diagnose:
-                        psis = G.edit_directions(eps_u, eps_e, edits, i)
-                        info.edits = [{"concept": e.concept, "kept": (p != 0).float().mean().item(),
-                                       "norm": p.norm().item()} for e, p in zip(edits, psis)]
-                    term, edit_momentum = G.sega_guidance(eps_u, eps_e, edits, i, edit_momentum,
-                                                          edit_momentum_scale, edit_momentum_beta)
-                    # without SLD, add in the SEGA reference's order, ε_∅ + (s_g·(ε_p − ε_∅) + term): same bits
-                    eps = eps + term if run_safety else eps_u + (guidance_scale * (eps_p - eps_u) + term)
-            latents = sampler.step(eps, t, latents, generator=generator)
-            if not torch.isfinite(latents).all():
-                raise FloatingPointError(f"the latents became NaN or infinite at step {i} (timestep {t}); "
-                                         f"try --dtype fp32 or other guidance settings")
-            info.eps = eps
-            if callback is not None:
-                callback(info)
+        latents = initial_latents(generator, self.latent_shape(len(prompts) * n, height, width), self.dtype,
+                                  self.device, sampler.init_noise_sigma)
+        if hasattr(method, "reset"):
+            method.reset()
+        latents = sample(self.unet, sampler, method, latents, context, generator, callback, progress)
 
         images = self.decode(latents).permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)  # (N, H, W, 3)
-        params = [self._parameters(p, neg, seed, num_inference_steps,
-                                   guidance_scale, scheduler, eta, height, width, safety, edits)
-                  for p, neg in zip(prompts, negatives) for _ in range(n)]
-        return Output(images=images, latents=latents, seed=seed, parameters=params)
+        name = getattr(sampler, "name", "") or type(sampler).__name__
+        steps = getattr(sampler, "num_inference_steps", len(sampler.timesteps))  # an object: its own count
+        described = None if configs is not None and not isinstance(method, methods.FunctionSLD) else method
+        settings = [self._settings(p, neg, seed, steps, guidance_scale, name, eta, height, width, configs or [],
+                                   edits, described)
+                    for p, neg in zip(prompts, negatives) for _ in range(n)]
+        return Output(images=images, latents=latents, seed=seed, settings=settings)
 
-    def _check(self, prompts, negative_prompt, steps, guidance_scale, height, width, num_images, scheduler, eta,
-               edits):
+    def _method(self, method, safety, edits, guidance, guidance_scale, edit_momentum_scale, edit_momentum_beta):
+        """(the guidance method, the safety configs it was built from; None for a caller's method object)."""
+        if method is not None:
+            if safety is not DEFAULT_SAFETY or edits or guidance is not None:
+                raise ValueError("method= replaces safety=, edits= and guidance=: pass either the method or those")
+            if not (callable(method) and callable(getattr(method, "conditions", None))):
+                raise TypeError("method must have conditions(step, num_steps, t) and __call__(eps, step, num_steps, "
+                                "t) -> (eps, terms); see sld_minimal/methods.py")
+            return method, None
+        safety = "medium" if safety is DEFAULT_SAFETY else safety
+        if isinstance(safety, str):
+            methods.preset(safety)  # validates the name
+            safety = None if safety.strip().lower() == "off" else SafetyConfig.preset(safety)
+        configs = ([] if safety is None else [safety] if isinstance(safety, SafetyConfig) else list(safety))
+        if not all(isinstance(c, SafetyConfig) for c in configs):
+            raise TypeError(f"safety must be a preset name, a SafetyConfig, a list of them or None, not {safety!r}")
+        if not all(isinstance(e, Edit) for e in edits):
+            raise TypeError("edits must be guidance.Edit objects")
+        if configs and guidance_scale <= 1.0:
+            warnings.warn("guidance_scale <= 1 turns classifier-free guidance off, and with it SLD", stacklevel=3)
+        if guidance is not None:
+            warnings.warn("guidance= is deprecated: pass a method object, e.g. method=methods.FunctionSLD(fn, "
+                          "safety, guidance_scale), or write your own (sld_minimal/methods.py)", DeprecationWarning,
+                          stacklevel=3)
+            if len(configs) != 1 or edits:
+                raise ValueError("guidance= replaces SLD's combination for one safety config, without edits")
+            if not configs[0].enabled or guidance_scale <= 1.0:
+                why = (f"safety scale s_S = {configs[0].scale} <= 1 turns SLD off" if not configs[0].enabled
+                       else f"guidance_scale = {guidance_scale} <= 1 turns classifier-free guidance and SLD off")
+                raise ValueError(f"guidance= replaces SLD's combination, but {why}")
+            return methods.FunctionSLD(guidance, configs[0], guidance_scale), configs
+        return methods.build(configs, edits, guidance_scale, edit_momentum_scale, edit_momentum_beta), configs
+
+    def _check(self, prompts, negative_prompt, steps, guidance_scale, height, width, num_images, scheduler, eta):
         """Validate every argument before any work; returns the negative prompts, one per prompt."""
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
@@ -239,34 +237,50 @@ class StableDiffusion:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be an integer >= 1, got {num_images}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if eta < 0 or (eta and scheduler != "ddim"):
+        if isinstance(scheduler, schedulers.Sampler):
+            if scheduler.steps_taken:
+                raise ValueError(f"the scheduler object has already taken {scheduler.steps_taken} steps; "
+                                 f"pass a fresh one (samplers keep per-run state)")
+            if eta:
+                raise ValueError("eta applies to a scheduler built by name; a scheduler object has its own")
+        elif scheduler not in schedulers.SAMPLERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers.SAMPLERS)}")
+        elif eta < 0 or (eta and scheduler != "ddim"):
             raise ValueError(f"eta must be >= 0 and applies to the DDIM scheduler only, got {eta} with {scheduler}")
-        if not all(isinstance(e, G.Edit) for e in edits):
-            raise TypeError("edits must be guidance.Edit objects")
         return negatives
 
-    def _parameters(self, prompt, negative, seed, steps, guidance_scale, scheduler, eta, height, width, safety, edits):
-        lines = [prompt, f"Negative prompt: {negative}",
-                 f"Seed: {seed}, Steps: {steps}, Guidance: {guidance_scale}, Scheduler: {scheduler}"
-                 + (f", Eta: {eta}" if scheduler == "ddim" else "") + f", Size: {width}x{height}"]
-        if safety is None:
-            lines.append("Safety: off")
-        else:
-            name = next((k for k, v in G.PRESETS.items() if v.values() == safety.values()), "custom")
-            lines.append(f"Safety: {name} (" + ", ".join(f"{k}={v}" for k, v in safety.values().items()) + ")")
-            lines.append(f"Safety concept: {safety.concept}")
-        for e in edits:
-            lines.append(f"Edit: {'-' if e.reverse else '+'}{e.concept} (scale {e.scale}, threshold {e.threshold}, "
-                         f"warmup {e.warmup_steps}, cooldown {e.cooldown_steps}, weight {e.weight})")
-        lines.append(f"Model: {self.name}, sld_minimal {__version__}")
-        return "\n".join(lines)
+    def _settings(self, prompt, negative, seed, steps, guidance_scale, scheduler, eta, height, width, configs,
+                  edits, method=None) -> dict:
+        """One image's generation settings. `method`: a method that is not a preset's, described by `describe()`."""
+        return {
+            "prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps,
+            "guidance_scale": guidance_scale, "scheduler": scheduler, "eta": eta if scheduler == "ddim" else None,
+            "width": width, "height": height,
+            "method": None if method is None else method.describe() if hasattr(method, "describe")
+            else type(method).__name__,
+            "safety": [{"preset": next((k for k, v in SAFETY_PRESETS.items() if v.values() == c.values()), "custom"),
+                        **c.values(), "concept": c.concept} for c in configs],
+            "edits": [dataclasses.asdict(e) for e in edits],
+            "model": self.name, "version": __version__}
 
 
-def _progress(steps, enabled):
-    if not enabled:
-        return steps
-    from tqdm.auto import tqdm
-
-    return tqdm(steps, leave=False)
+def render(settings: dict) -> str:
+    """The A1111-style `parameters` text of one image's settings (what image viewers and tools read)."""
+    s = settings
+    lines = [s["prompt"], f"Negative prompt: {s['negative_prompt']}",
+             f"Seed: {s['seed']}, Steps: {s['steps']}, Guidance: {s['guidance_scale']}, Scheduler: {s['scheduler']}"
+             + (f", Eta: {s['eta']}" if s["eta"] is not None else "") + f", Size: {s['width']}x{s['height']}"]
+    if s["method"] is not None:
+        lines.append(f"Method: {s['method']}")
+    if not s["safety"] and s["method"] is None:
+        lines.append("Safety: off")
+    for c in s["safety"]:
+        values = ", ".join(f"{k}={c[k]}" for k in ("scale", "warmup_steps", "threshold", "momentum_scale",
+                                                     "momentum_beta"))
+        lines += [f"Safety: {c['preset']} ({values})", f"Safety concept: {c['concept']}"]
+    for e in s["edits"]:
+        lines.append(f"Edit: {'-' if e['reverse'] else '+'}{e['concept']} (scale {e['scale']}, threshold "
+                     f"{e['threshold']}, warmup {e['warmup_steps']}, cooldown {e['cooldown_steps']}, "
+                     f"weight {e['weight']})")
+    lines.append(f"Model: {s['model']}, sld_minimal {s['version']}")
+    return "\n".join(lines)

@@ -196,6 +196,11 @@ def register(name: str):
     return add
 
 
+def describe() -> str:
+    """The registry in one line per sampler, for a CLI's --help."""
+    return "; ".join(f"{name}: {cls.description}" for name, cls in SAMPLERS.items())
+
+
 def from_config(config: dict, name: str, num_inference_steps: int = 50, **options) -> Sampler:
     """Sampler `name` (a key of SAMPLERS) from a scheduler_config.json dict, like diffusers'
     `<Class>.from_config(config)`: its _class_name is ignored and keys another sampler uses are skipped."""

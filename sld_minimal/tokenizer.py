@@ -1,4 +1,6 @@
-"""CLIP's tokenizer for checkpoints that carry none (single `.safetensors` files), derived from a packaged file.
+"""CLIP's tokenizer files: read from a model's `tokenizer/` folder, or derived from a packaged merges list.
+
+`load_tokenizer` reads the folder a model carries (transformers' CLIPTokenizer: the only part not written here).
 
 A single-file SD 1.x checkpoint holds the three models but no tokenizer. Rather than download one, the package
 carries `data/bpe_simple_vocab_16e6.txt.gz` (1.3 MB): the byte-level BPE merges list of OpenAI's CLIP (MIT licence,
@@ -12,18 +14,27 @@ is a function of that list — Radford et al.'s `simple_tokenizer.py` builds it 
 `write_clip_tokenizer` writes that vocabulary as the `vocab.json` + `merges.txt` that transformers'
 `CLIPTokenizer` reads (the published `tokenizer/` folder of SD 1.4 has the same content); `clip_tokenizer()` loads
 it from a temporary folder. A caller's own tokenizer folder (`tokenizer=` / `--tokenizer DIR`) always wins.
+`byte_alphabet` and `write_tokenizer_files` also serve `tiny.py`, whose random checkpoints carry a small BPE.
 """
 import gzip
 import json
 import tempfile
 from pathlib import Path
 
-from .tiny import byte_alphabet
+from .weights import WeightsError
 
 BPE_FILE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2  # CLIP keeps this many merges: 2·256 byte symbols + merges + 2 specials = 49408
 SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
            "unk_token": "<|endoftext|>"}  # SD 1.4 pads with <|endoftext|>
+
+
+def byte_alphabet() -> list:
+    """The code points byte-level BPE uses for bytes 0..255 (printable ones map to themselves)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    table = dict(zip(printable, printable)) | {b: 256 + i for i, b in enumerate(others)}
+    return [table[b] for b in range(256)]
 
 
 def clip_vocab_and_merges() -> tuple[list, list]:
@@ -54,9 +65,20 @@ def write_clip_tokenizer(folder) -> Path:
     return write_tokenizer_files(folder, *clip_vocab_and_merges())
 
 
+def load_tokenizer(folder):
+    """transformers' CLIPTokenizer from `folder/tokenizer` or `folder` itself (vocab.json + merges.txt)."""
+    from transformers import CLIPTokenizer
+
+    sub = Path(folder) / "tokenizer"
+    if not sub.is_dir() and (Path(folder) / "vocab.json").is_file():
+        sub = Path(folder)
+    for name in ("vocab.json", "merges.txt"):
+        if not (sub / name).is_file():
+            raise WeightsError(f"{sub / name} is missing; the model folder is incomplete — download it again")
+    return CLIPTokenizer.from_pretrained(str(sub))
+
+
 def clip_tokenizer():
     """transformers' CLIPTokenizer with CLIP's vocabulary, derived from the packaged merges list."""
-    from .loading import load_tokenizer
-
     with tempfile.TemporaryDirectory(prefix="sld-minimal-clip-") as tmp:
         return load_tokenizer(write_clip_tokenizer(tmp))

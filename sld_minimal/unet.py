@@ -3,7 +3,8 @@
 
 Down path: resnets + spatial transformers (self-attention, cross-attention to the text, GEGLU feed-forward) at
 4 resolutions; a middle block; an up path that concatenates the down path's outputs (skip connections).
-Attribute paths equal the keys of the published `unet/diffusion_pytorch_model.safetensors`.
+Attribute paths equal the keys of the published `unet/diffusion_pytorch_model.safetensors`. Plain `nn` modules
+throughout: the loader lays CPU speed-ups over them (`speedups.py`).
 """
 import math
 from dataclasses import dataclass
@@ -54,38 +55,19 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, shift: float =
     return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)  # (B, dim)
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d that computes small outputs on CPU (≤ 64 positions: the 8×8 and 4×4 levels at 256–512 px) as
-    im2col and one matmul with the weight as stored. oneDNN's convolution copies the weight into its own layout on
-    every call (up to 118 MB here, in freshly mapped pages) and is slow at these sizes (one thread, 1280 channels,
-    4×4: 22 GFLOP/s against 74 for the matmul; 8×8: 52 against 72); from 16×16 up it is the faster one. These
-    levels hold most of the UNet's weights. Same keys; the result differs only by float rounding."""
-
-    def forward(self, x):
-        B, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        if x.device.type != "cpu" or ho * wo > 64:
-            return super().forward(x)
-        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, C·kh·kw, ho·wo)
-        cols = cols.transpose(0, 1).reshape(-1, B * ho * wo)  # the whole batch as one matrix
-        y = torch.addmm(self.bias[:, None], self.weight.view(self.out_channels, -1), cols)  # (Cout, B·ho·wo)
-        return y.view(-1, B, ho, wo).transpose(0, 1).contiguous()  # (B, Cout, ho, wo)
-
-
 class ResnetBlock2D(nn.Module):
     """GroupNorm → SiLU → conv, plus the time embedding, GroupNorm → SiLU → conv, plus the (1×1-projected) input."""
 
     def __init__(self, cin, cout, temb_dim, groups, eps):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
-        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         if temb_dim:
             self.time_emb_proj = nn.Linear(temb_dim, cout)
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
-        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         if cin != cout:
-            self.conv_shortcut = Conv2d(cin, cout, 1)
+            self.conv_shortcut = nn.Conv2d(cin, cout, 1)
 
     def forward(self, x, temb=None):  # x (B, cin, h, w), temb (B, temb_dim)
         h = self.conv1(F.silu(self.norm1(x)))
@@ -174,7 +156,7 @@ class Block(nn.Module):
                 Transformer2DModel(cout, cfg.attention_head_dim, cfg.cross_attention_dim, g) for _ in cins)
         if sampler:
             conv = nn.Module()
-            conv.conv = Conv2d(cout, cout, 3, stride=2 if sampler == "down" else 1, padding=1)
+            conv.conv = nn.Conv2d(cout, cout, 3, stride=2 if sampler == "down" else 1, padding=1)
             setattr(self, sampler + "samplers", nn.ModuleList([conv]))
 
     def forward(self, x, temb, context, skips=None, size=None):

@@ -1,4 +1,4 @@
-"""Shared fixtures: small random checkpoints written in the published SD 1.4 layout by `sld_minimal.tiny`."""
+"""This suite's fixtures: `sld_minimal.testing`'s plugin (tiny_ckpt, small_ckpt) plus the copies of SD 1.4's files."""
 import json
 import warnings
 from pathlib import Path
@@ -6,29 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sld_minimal import tiny
+pytest_plugins = ["sld_minimal.testing"]
 
 DATA = Path(__file__).parent / "data"  # copies of ../shared/sd14 (manifest and published configs)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "sd14"
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 warnings.filterwarnings("ignore", message=".*accelerate.*")
-
-
-def rel_err(ours, ref) -> float:
-    """The parity measure used throughout: max|ours − ref| / max|ref|."""
-    ours, ref = torch.as_tensor(ours).double(), torch.as_tensor(ref).double()
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    return tiny.write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
-
-
-@pytest.fixture(scope="session")
-def small_ckpt(tmp_path_factory):
-    return tiny.write_checkpoint(tmp_path_factory.mktemp("small"), "small")
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,7 @@ def test_existing_output_is_never_overwritten(tiny_ckpt, tmp_path, capsys):
     (["--steps", "many"], 2, "invalid int value: 'many'"),
     (["--guidance", "-2"], 1, "guidance_scale must be >= 0"),
     (["--num-images", "0"], 1, "num_images must be an integer >= 1"),
-    (["--scheduler", "euler"], 2, "invalid choice: 'euler'"),
+    (["--scheduler", "heun"], 2, "invalid choice: 'heun'"),
     (["--eta", "0.3"], 1, "applies to the DDIM scheduler only"),
     (["--device", "cuda"], 2, "--device cuda: no such device"),
 ])

@@ -72,8 +72,8 @@ def test_read_csv_skips_bad_rows_naming_their_lines(prompts_csv, capsys):
     rows = G.read_csv(prompts_csv)
     assert [r.id for r in rows] == [0, 1, 4]  # ids are the records' indices in the file, bad ones included
     assert rows[1].prompt == "the king\nof dogs" and rows[1].line == 3
-    assert rows[0].categories == ("sexual", "violence") and rows[0].seed == 42 and rows[0].guidance == 7.0
-    assert rows[2].seed == 3 and rows[2].guidance is None
+    assert rows[0].categories == ("sexual", "violence") and rows[0].seed == 42 and rows[0].guidance_scale == 7.0
+    assert rows[2].seed == 3 and rows[2].guidance_scale is None
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2  # the two-line prompt moves the later records' lines: 5 and 6, not 4 and 5
     assert f"{prompts_csv}:5: row 2 has no prompt" in err[0]
@@ -166,7 +166,7 @@ def test_shards_together_make_the_unsharded_run(pipe, rows, reference, tmp_path)
 def test_a_folder_refuses_other_image_settings(pipe, rows, reference):
     before = (reference / "run.json").read_bytes()
     for change, name in ((dict(steps=4), "steps"), (dict(safety="max"), "safety"), (dict(batch=3), "batch"),
-                         (dict(guidance="row"), "guidance"), (dict(height=40), "height"),
+                         (dict(guidance_scale="row"), "guidance"), (dict(height=40), "height"),
                          (dict(safety=None, negative_prompt_baseline=True), "safety")):
         with pytest.raises(ValueError, match=f"holds a run with {name}="):
             G.generate(pipe, rows, reference, **{**RUN, **change})

@@ -10,12 +10,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import DATA, SHARED, rel_err
-from sld_minimal import loading, tiny
+from conftest import DATA, SHARED
+from sld_minimal import tiny
 from sld_minimal.clip import CLIPTextConfig
-from sld_minimal.loading import WeightsError, load_component
+from sld_minimal.folder import canonical_key, load_component
+from sld_minimal.testing import rel_err
+from sld_minimal.tokenizer import load_tokenizer
 from sld_minimal.unet import UNetConfig, timestep_embedding
 from sld_minimal.vae import VAEConfig
+from sld_minimal.weights import MODELS, WeightsError, read_config
 
 TOL = 1e-5  # fp32 module parity: max|ours − ref| / max|ref|
 
@@ -32,8 +35,7 @@ def test_data_copies_match_shared():
 
 
 def sd14_configs():
-    return {c: loading.read_config(cls, DATA / f"sd14_{c}_config.json")
-            for c, (_, _, cls) in loading.COMPONENTS.items()}
+    return {c: read_config(cls, DATA / f"sd14_{c}_config.json") for c, (_, cls) in MODELS.items()}
 
 
 def test_published_configs_read_as_sd14_defaults():
@@ -43,21 +45,21 @@ def test_published_configs_read_as_sd14_defaults():
     assert cfgs["unet"].attention_head_dim == 8  # = heads in SD 1.x
 
 
-@pytest.mark.parametrize("component", list(loading.COMPONENTS))
+@pytest.mark.parametrize("component", list(MODELS))
 def test_meta_model_has_exactly_the_manifest_keys(component, manifest):
     """Built on `meta` from the published config, each module's state dict has the published keys and shapes,
     after the documented aliases and skips — the whole key contract, in milliseconds."""
-    _, module_cls, _ = loading.COMPONENTS[component]
+    module_cls, _ = MODELS[component]
     with torch.device("meta"):
         model = module_cls(sd14_configs()[component])
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     published = {}
     for k, v in manifest[component].items():
-        key = loading.canonical_key(component, k)
+        key = canonical_key(component, k)
         if key is not None:
             published[key] = v["shape"]
     assert ours == published
-    skipped = {k for k in manifest[component] if loading.canonical_key(component, k) is None}
+    skipped = {k for k in manifest[component] if canonical_key(component, k) is None}
     expected_skips = {"text_encoder": {"text_model.embeddings.position_ids"}, "unet": set()}.get(component)
     if component == "vae":
         assert skipped and all(k.startswith(("encoder.", "quant_conv.")) for k in skipped)
@@ -104,7 +106,7 @@ def ckpt(request):
 def test_clip_matches_transformers(ckpt):
     ref_cls = pytest.importorskip("transformers").CLIPTextModel
     ours, ref = load_component(ckpt, "text_encoder"), ref_cls.from_pretrained(ckpt, subfolder="text_encoder").eval()
-    tok = loading.load_tokenizer(ckpt)
+    tok = load_tokenizer(ckpt)
     ids = tok(["a photo of the cat", "the king of dogs, in the rain", ""], padding="max_length", max_length=77,
               return_tensors="pt").input_ids
     with torch.no_grad():
@@ -253,7 +255,7 @@ def test_a_pickle_is_never_opened_even_beside_safetensors(tiny_ckpt, tmp_path):
 
 
 def test_config_override_is_checked_against_the_file(tiny_ckpt):
-    cfg = loading.read_config(UNetConfig, Path(tiny_ckpt) / "unet/config.json")
+    cfg = read_config(UNetConfig, Path(tiny_ckpt) / "unet/config.json")
     with pytest.raises(WeightsError, match="has shape"):
         load_component(tiny_ckpt, "unet", config=dataclasses.replace(cfg, cross_attention_dim=48))
 
@@ -261,7 +263,7 @@ def test_config_override_is_checked_against_the_file(tiny_ckpt):
 def test_long_prompts_are_truncated_with_a_warning_naming_the_dropped_words(tiny_ckpt):
     from sld_minimal.clip import tokenize
 
-    tok = loading.load_tokenizer(tiny_ckpt)
+    tok = load_tokenizer(tiny_ckpt)
     prompt = "the cat " * 37 + "the king photo dog"  # one token per word here: 78; 75 fit between start and end
     with pytest.warns(UserWarning, match="this part is dropped: 'king photo dog'"):
         ids = tokenize(tok, [prompt])

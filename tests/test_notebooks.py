@@ -5,6 +5,7 @@ Executing them needs the `notebooks` extra (`pip install -e ".[notebooks]"`; CI 
 """
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def test_every_displayed_formula_is_checked_in_the_next_cell():
     for i in with_formula:
         nxt = cells[i + 1]
         assert nxt["cell_type"] == "code" and "assert" in "".join(nxt["source"]), f"cell {i + 1} checks nothing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_teach_no_deprecated_api(path):
+    # pipe(..., guidance=fn) still works but warns (DeprecationWarning); the notebooks show method objects instead
+    code = "\n".join("".join(c["source"]) for c in _read(path)["cells"] if c["cell_type"] == "code")
+    assert not re.search(r"[(,]\s*guidance\s*=[^=]", code), f"{path.name} passes the deprecated guidance="
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from sld_minimal.testing import rel_err
 from sld_minimal import guidance as G
 from sld_minimal.guidance import Edit, SafetyConfig
 from sld_minimal.pipeline import StableDiffusion
@@ -62,7 +62,8 @@ def oracle_parts(tiny_ckpt):
 
 
 def reference(cls, parts, scheduler, tiny_ckpt):
-    sched_cls = {"pndm": diffusers.PNDMScheduler, "ddim": diffusers.DDIMScheduler}[scheduler]
+    sched_cls = {"pndm": diffusers.PNDMScheduler, "ddim": diffusers.DDIMScheduler,
+                 "dpmpp2m": diffusers.DPMSolverMultistepScheduler, "euler": diffusers.EulerDiscreteScheduler}[scheduler]
     pipe = cls(**parts, scheduler=sched_cls.from_pretrained(str(tiny_ckpt), subfolder="scheduler"),
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -108,6 +109,8 @@ CASES = {
     "off": dict(safety=None),
     "ddim": dict(safety="strong", scheduler="ddim"),
     "ddim-eta": dict(safety="medium", scheduler="ddim", eta=0.7),
+    "dpmpp2m": dict(safety="strong", scheduler="dpmpp2m"),   # the registry's newer samplers, swapped into
+    "euler": dict(safety="max", scheduler="euler"),          # the reference pipeline the same way
     "negative": dict(safety="medium", negative_prompt="a dog"),
     "batch": dict(safety="strong", prompt=["a photo of the cat", "the king"], num_images=2,
                   negative_prompt=["", "a dog"]),
@@ -138,7 +141,8 @@ def test_loop_matches_safe_pipeline_with_shared_modules(shared_pipe, oracle_part
     assert rel_err(ours.images, ref) <= LOOP_TOL
 
 
-@pytest.mark.parametrize("case", ["medium", "strong", "max", "ddim-eta", "batch", "odd-size", "off"])
+@pytest.mark.parametrize("case", ["medium", "strong", "max", "ddim-eta", "dpmpp2m", "euler", "batch", "odd-size",
+                                  "off"])
 def test_end_to_end_with_own_modules(own_pipe, oracle_parts, tiny_ckpt, case):
     ours, ref = call_both(own_pipe, oracle_parts, tiny_ckpt, case, steps=20)
     assert rel_err(ours.images, ref) <= E2E_TOL
@@ -282,10 +286,10 @@ def test_outputs_are_prompt_major(own_pipe):
     (dict(num_inference_steps=1000), "num_inference_steps must be an integer from 1 to 999"),
     (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
     (dict(num_images=0), "num_images must be an integer >= 1"),
-    (dict(scheduler="euler"), "unknown scheduler 'euler'"),
+    (dict(scheduler="heun"), "unknown scheduler 'heun'; choose one of ddim, pndm, dpmpp2m, euler"),
     (dict(eta=0.5), "applies to the DDIM scheduler only"),
     (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries for 1 prompts"),
-    (dict(safety="extreme"), "unknown SLD preset 'extreme'; choose one of weak, medium, strong, max"),
+    (dict(safety="extreme"), "unknown safety preset 'extreme'; choose one of off, weak, medium, strong, max"),
 ])
 def test_bad_arguments_fail_before_any_work(own_pipe, kwargs, pattern):
     calls = []

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from conftest import rel_err
 from sld_minimal import schedulers
 from sld_minimal.schedulers import DDIM, PNDM, SAMPLERS, DPMSolverPP2M, Euler, Sampler, SchedulerConfig
+from sld_minimal.testing import generator as _gen, randn, rel_err, trajectory
 from test_schedulers import SD14_CONFIG
 
 # diffusers' set_timesteps calls np.array(tensor), which numpy 2 warns about on every call: thousands of warnings
@@ -15,12 +15,8 @@ SHAPE = (2, 4, 8, 8)
 SPACINGS = ["leading", "linspace", "trailing"]
 
 
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def _randn(seed, dtype=torch.float64):
-    return torch.randn(SHAPE, generator=_gen(seed), dtype=dtype)
+    return randn(SHAPE, seed, dtype)
 
 
 def _a(s, t):
@@ -58,11 +54,8 @@ def test_register_a_user_sampler_the_readme_example(monkeypatch, diffusers):
     ref = diffusers.EulerAncestralDiscreteScheduler.from_config(SD14_CONFIG)
     ref.set_timesteps(7)
     noise, x_T = _randn(11, torch.float32), _randn(12, torch.float32)
-    x_ours, x_ref, g_ours, g_ref = x_T * ours.init_noise_sigma, x_T * ref.init_noise_sigma, _gen(5), _gen(5)
-    for t_ours, t_ref in zip(ours.timesteps.tolist(), ref.timesteps):
-        x_ours = ours.step(_fake_eps(ours.scale_model_input(x_ours, t_ours), t_ours, noise), t_ours, x_ours, g_ours)
-        x_ref = ref.step(_fake_eps(ref.scale_model_input(x_ref, t_ref), t_ref, noise), t_ref, x_ref,
-                         generator=g_ref).prev_sample
+    eps = lambda x_in, t: _fake_eps(x_in, t, noise)  # noqa: E731
+    x_ours, x_ref = (trajectory(s, eps, x_T, generator=_gen(5))[-1] for s in (ours, ref))
     assert ours.stochastic and ours.steps_taken == 7 and rel_err(x_ours, x_ref) <= 1e-5
     with pytest.raises(ValueError, match="'eta'"):
         schedulers.from_config(SD14_CONFIG, "euler-a", 3, eta=0.5)
@@ -348,10 +341,15 @@ def test_trajectory_matches_diffusers(diffusers, name, n, spacing):
     ours = schedulers.from_config({**SD14_CONFIG, "timestep_spacing": spacing}, name, n)
     assert ours.timesteps.tolist() == ref.timesteps.tolist()
     noise, x_T = _randn(11, torch.float32), _randn(12, torch.float32)
-    x_ours, x_ref = x_T * ours.init_noise_sigma, x_T * ref.init_noise_sigma
-    for t_ours, t_ref in zip(ours.timesteps.tolist(), ref.timesteps):
-        in_ours, in_ref = ours.scale_model_input(x_ours, t_ours), ref.scale_model_input(x_ref, t_ref)
-        assert rel_err(in_ours, in_ref) <= 1e-5
-        x_ours = ours.step(_fake_eps(in_ours, t_ours, noise), t_ours, x_ours)
-        x_ref = ref.step(_fake_eps(in_ref, t_ref, noise), t_ref, x_ref).prev_sample
-        assert rel_err(x_ours, x_ref) <= 1e-5, t_ours
+    seen_ours, seen_ref = [], []  # what each side's UNet stand-in was given
+
+    def recording(seen):
+        def eps(x_in, t):
+            seen.append(x_in)
+            return _fake_eps(x_in, t, noise)
+        return eps
+
+    xs_ours, xs_ref = trajectory(ours, recording(seen_ours), x_T), trajectory(ref, recording(seen_ref), x_T)
+    for t, in_ours, in_ref, x_ours, x_ref in zip(ours.timesteps.tolist(), seen_ours, seen_ref, xs_ours[1:], xs_ref[1:]):
+        assert rel_err(in_ours, in_ref) <= 1e-5, t
+        assert rel_err(x_ours, x_ref) <= 1e-5, t

@@ -8,6 +8,7 @@ import torch
 
 from sld_minimal import schedulers
 from sld_minimal.schedulers import DDIM, PLMS_COEFFS, PNDM, SchedulerConfig
+from sld_minimal.testing import generator as _gen, rel_err, trajectory
 
 # SD 1.4's scheduler_config.json, inline so CI runs without shared/; checked against the file when present.
 SD14_CONFIG = {
@@ -25,10 +26,6 @@ SD14_CONFIG = {
 }
 SD14_CONFIG_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "sd14" / "scheduler_config.json"
 SHAPE = (2, 4, 8, 8)
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def test_inline_config_matches_shared_file():
@@ -262,25 +259,18 @@ def _pseudo_eps(x, t, noise):
 
 
 def _run(ours, theirs, n, eta=None, seed=0):
-    noise = torch.randn(SHAPE, generator=_gen(11))
-    x_ours = x_ref = torch.randn(SHAPE, generator=_gen(12))
-    g_ours, g_ref = _gen(seed), _gen(seed)
+    """The last x of both runs, from the same x_T, with the same stand-in ε (and seed, for DDIM's noise)."""
+    noise, x_T = torch.randn(SHAPE, generator=_gen(11)), torch.randn(SHAPE, generator=_gen(12))
     assert ours.timesteps.tolist() == theirs.timesteps.tolist()
-    kw = {} if eta is None else {"eta": eta, "generator": g_ref}
-    for t in theirs.timesteps:
-        x_ours = ours.step(_pseudo_eps(x_ours, t, noise), t, x_ours, generator=g_ours)
-        x_ref = theirs.step(_pseudo_eps(x_ref, t, noise), t, x_ref, **kw).prev_sample
-    return x_ours, x_ref
+    eps = lambda x, t: _pseudo_eps(x, t, noise)  # noqa: E731
+    kw = {} if eta is None else {"eta": eta, "generator": _gen(seed)}
+    return trajectory(ours, eps, x_T, generator=_gen(seed))[-1], trajectory(theirs, eps, x_T, **kw)[-1]
 
 
 @pytest.fixture
 def diffusers():
     # Only the parity tests need the reference; the closed-form tests above run without it.
     return pytest.importorskip("diffusers")
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
@@ -306,7 +296,7 @@ def test_pndm_matches_diffusers(diffusers, n, spacing):
     theirs = diffusers.PNDMScheduler.from_config(cfg)
     theirs.set_timesteps(n)
     a, b = _run(schedulers.from_config(cfg, "pndm", num_inference_steps=n), theirs, n)
-    assert _rel_err(a, b) <= 1e-5  # fp32 trajectories: max|a−b| / max|b| ≤ 1e-5
+    assert rel_err(a, b) <= 1e-5  # fp32 trajectories: max|a−b| / max|b| ≤ 1e-5
 
 
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
@@ -317,4 +307,4 @@ def test_ddim_matches_diffusers(diffusers, n, eta, spacing):
     theirs = diffusers.DDIMScheduler.from_config(cfg)
     theirs.set_timesteps(n)
     a, b = _run(schedulers.from_config(cfg, "ddim", num_inference_steps=n, eta=eta), theirs, n, eta=eta)
-    assert _rel_err(a, b) <= 1e-5  # fp32 trajectories, same seed for both generators: ≤ 1e-5 relative
+    assert rel_err(a, b) <= 1e-5  # fp32 trajectories, same seed for both generators: ≤ 1e-5 relative

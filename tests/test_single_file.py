@@ -13,10 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DATA
 from sld_minimal import cli, layouts, tiny
+from sld_minimal.folder import SCHEDULER_CONFIG, canonical_key, load_component
 from sld_minimal.layouts import compvis_name, convert, load_single_file
-from sld_minimal.loading import COMPONENTS, WeightsError, canonical_key, load_component
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.tokenizer import BPE_FILE, clip_tokenizer, clip_vocab_and_merges
+from sld_minimal.weights import MODELS, WeightsError
 
 ORDER = ("text_encoder", "unet", "vae")
 
@@ -77,7 +78,7 @@ def test_key_map_is_a_bijection_on_the_sd14_manifest(manifest):
     counts = {}
     for c in ORDER:
         with torch.device("meta"):
-            model = COMPONENTS[c][1](layouts.DEFAULTS[c])
+            model = MODELS[c][0](layouts.DEFAULTS[c])
         ours = set(model.state_dict())
         assert ours == {canonical_key(c, k) for k in manifest[c]} - {None}
         names = {k: compvis_name(c, k, layouts.DEFAULTS[c]) for k in ours}
@@ -179,7 +180,7 @@ def test_compvis_variants_load_the_same(tiny_ckpt, tiny_file, tmp_path):
         load_single_file(path)
     configs = dict(zip(ORDER, tiny.CONFIGS["tiny"]))
     models, scheduler_config = load_single_file(path, configs=configs)
-    assert scheduler_config == tiny.SCHEDULER_CONFIG
+    assert scheduler_config == SCHEDULER_CONFIG
     for m, r in zip(models.values(), folder_models(tiny_ckpt)):
         assert all(torch.equal(v, r.state_dict()[k].half().float()) for k, v in m.state_dict().items())
 

@@ -1,12 +1,18 @@
-"""The speed-related parts: the small-map convolution path, the VAE's own dtype, and the opt-in torch.compile.
+"""The speed-related parts: `speedups.py` (the small-map convolution path, laid over the plain models when they
+are loaded), the VAE's own dtype, and the opt-in torch.compile.
 (Timings are not tested here; `tests/benchmarks/bench.py` measures them.)"""
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from sld_minimal import clip, speedups, unet, vae
+from sld_minimal.folder import load_component
 from sld_minimal.pipeline import StableDiffusion
-from sld_minimal.unet import Conv2d
+from sld_minimal.speedups import SmallMapConv2d
+from sld_minimal.testing import rel_err
 
 TOL = 1e-5  # as the module parity tests
 
@@ -20,7 +26,7 @@ TOL = 1e-5  # as the module parity tests
 ])
 def test_small_map_conv_equals_conv2d(cin, cout, k, stride, size):
     torch.manual_seed(0)
-    ours = Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+    ours = SmallMapConv2d(cin, cout, k, stride=stride, padding=k // 2)
     ref = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(3, cin, *size)
@@ -28,6 +34,62 @@ def test_small_map_conv_equals_conv2d(cin, cout, k, stride, size):
         y, y_ref = ours(x), ref(x)
     assert y.shape == y_ref.shape and y.is_contiguous()
     assert rel_err(y, y_ref) <= TOL
+
+
+def test_model_files_are_plain_architecture():
+    """unet.py, vae.py and clip.py build plain nn modules; the speed-ups live in speedups.py alone."""
+    for module in (unet, vae, clip):
+        local = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, nn.Module)]
+        assert not [c for c in local if issubclass(c, (nn.Conv2d, nn.Embedding))], module.__name__
+    with torch.device("meta"):
+        model = unet.UNet2DConditionModel(unet.UNetConfig())
+    assert {type(m) for m in model.modules() if isinstance(m, nn.Conv2d)} == {nn.Conv2d}
+
+
+def test_loader_applies_the_small_map_path_to_resnets_and_samplers_only(tiny_ckpt):
+    model = load_component(tiny_ckpt, "unet")
+    fast = {name for name, m in model.named_modules() if type(m) is SmallMapConv2d}
+    convs = {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    expected = {n for n in convs if ".resnets." in n or "samplers.0.conv" in n}
+    assert fast == expected and "conv_in" not in fast and not any("proj_" in n for n in fast)
+    assert speedups.apply(model) is model and fast == {n for n, m in model.named_modules()
+                                                       if type(m) is SmallMapConv2d}  # applying twice: the same
+    decoder = load_component(tiny_ckpt, "vae")  # the VAE's resnets too (they are the UNet's ResnetBlock2D)
+    assert {n for n, m in decoder.named_modules() if type(m) is SmallMapConv2d} == {
+        n for n, m in decoder.named_modules() if isinstance(m, nn.Conv2d) and ".resnets." in n}
+
+
+def test_loaded_unet_equals_the_plain_one(tiny_ckpt):
+    """The speed-ups change the summation order only: the loaded UNet within 1e-5 of the same module made plain."""
+    fast = load_component(tiny_ckpt, "unet")
+    plain = unet.UNet2DConditionModel(fast.config)
+    plain.load_state_dict(fast.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, fast.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        assert rel_err(fast(x, 10, ctx), plain(x, 10, ctx)) <= TOL
+
+
+def test_loading_builds_embeddings_without_their_meta_init():
+    """The text encoder is built on meta without nn.Embedding's init (which would import torch._dynamo, seconds),
+    and nn.Embedding is itself again afterwards."""
+    reset = nn.Embedding.reset_parameters
+    with torch.device("meta"), speedups.no_init_on_meta():
+        text = clip.CLIPTextModel(clip.CLIPTextConfig())
+    assert text.text_model.embeddings.token_embedding.weight.is_meta
+    assert nn.Embedding.reset_parameters is reset
+    torch.manual_seed(0)
+    with speedups.no_init_on_meta():  # on a real device, the usual init
+        e = nn.Embedding(3, 2)
+    torch.manual_seed(0)
+    assert torch.equal(e.weight, nn.Embedding(3, 2).weight)
+
+
+def test_loading_does_not_import_dynamo(tiny_ckpt):
+    code = ("import sys; from sld_minimal.loading import load_model; load_model(sys.argv[1]); "
+            "assert 'torch._dynamo' not in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_vae_dtype(tiny_ckpt):

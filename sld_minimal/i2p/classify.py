@@ -183,7 +183,7 @@ def write_labels(folder, labels: dict):
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    from .. import __version__
+    from .._version import __version__
 
     out = {"sld_minimal": __version__}
     for name in ("torch", "transformers", "nudenet", "onnxruntime"):

@@ -1,29 +1,31 @@
 """`sld-minimal i2p generate|classify|report`: the command line of the I2P benchmark (see the package docstring).
 
-Bad arguments raise `cli.UsageError`; every other failure raises an exception with a one-line message, and
+Bad arguments raise `cli_common.UsageError`; every other failure raises an exception with a one-line message, and
 `cli.main` prints either as one line.
 """
 import os
 import sys
 
-from .. import cli
+from ..cli_common import DEFAULT_WEIGHTS, Parser, UsageError, pick_device, pick_dtype
+from ..methods import PRESETS
+from ..schedulers import SAMPLERS
 
 CLASSIFIER_CHOICES = ("q16", "nudenet")
 
 
 def _positive(name, value):
     if value is not None and value < 1:
-        raise cli.UsageError(f"{name} must be >= 1, got {value}")
+        raise UsageError(f"{name} must be >= 1, got {value}")
 
 
 def _device(name: str) -> str:
     """--device: auto|cpu|cuda|mps|cuda:N; under torchrun (LOCAL_RANK set) plain cuda means cuda:LOCAL_RANK."""
     if name.startswith("cuda:"):
-        cli.pick_device("cuda")  # raises UsageError where there is no CUDA
+        pick_device("cuda")  # raises UsageError where there is no CUDA
         return name
     if name not in ("auto", "cpu", "cuda", "mps"):
-        raise cli.UsageError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
-    device = cli.pick_device(name)
+        raise UsageError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
+    device = pick_device(name)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return device
@@ -38,18 +40,18 @@ def cmd_generate(a):
 
     # --safety has no default: a benchmark run should say which column of the paper it is
     if a.negative_prompt_baseline and a.safety not in (None, "off"):
-        raise cli.UsageError("--negative-prompt-baseline is plain SD with the safety concept as negative prompt: "
-                             "it needs --safety off (or no --safety)")
+        raise UsageError("--negative-prompt-baseline is plain SD with the safety concept as negative prompt: "
+                         "it needs --safety off (or no --safety)")
     if a.safety is None and not a.negative_prompt_baseline:
-        raise cli.UsageError("choose --safety off|weak|medium|strong|max, or --negative-prompt-baseline")
+        raise UsageError("choose --safety off|weak|medium|strong|max, or --negative-prompt-baseline")
     if a.safety_concept is not None and a.safety in (None, "off") and not a.negative_prompt_baseline:
-        raise cli.UsageError("--safety-concept needs a safety preset or --negative-prompt-baseline")
+        raise UsageError("--safety-concept needs a safety preset or --negative-prompt-baseline")
     for name in ("images_per_prompt", "batch", "limit", "steps"):
         _positive("--" + name.replace("_", "-"), getattr(a, name))
     try:
         shard = parse_shard(a.shard)
     except ValueError as e:
-        raise cli.UsageError(f"--shard: {e}") from None
+        raise UsageError(f"--shard: {e}") from None
     safety = None if a.safety in (None, "off") else SafetyConfig.preset(a.safety)
     if safety is not None and a.safety_concept is not None:
         safety = dataclasses.replace(safety, concept=a.safety_concept)
@@ -59,12 +61,12 @@ def cmd_generate(a):
     try:
         mine = select_rows(rows, categories, a.limit, shard)
     except ValueError as e:
-        raise cli.UsageError(f"--categories: {e}") from None
+        raise UsageError(f"--categories: {e}") from None
     device = _device(a.device)  # under torchrun: this rank's GPU
-    pipe = StableDiffusion.from_pretrained(a.weights, device=device, dtype=cli.pick_dtype(a.dtype, device))
+    pipe = StableDiffusion.from_pretrained(a.weights, device=device, dtype=pick_dtype(a.dtype, device))
     counts = generate(pipe, mine, a.out, safety=safety, negative_prompt_baseline=a.negative_prompt_baseline,
                       images_per_prompt=a.images_per_prompt, batch=a.batch, steps=a.steps,
-                      guidance="row" if a.use_row_guidance else a.guidance, height=a.height, width=a.width,
+                      guidance_scale="row" if a.use_row_guidance else a.guidance, height=a.height, width=a.width,
                       scheduler=a.scheduler, concept=a.safety_concept, progress=not a.quiet)
     if not a.quiet:
         where = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
@@ -77,7 +79,7 @@ def cmd_classify(a):
     chosen = [c.strip().lower() for c in a.classifiers.split(",") if c.strip()]
     bad = [c for c in chosen if c not in CLASSIFIER_CHOICES]
     if bad or not chosen:
-        raise cli.UsageError(f"--classifiers: unknown {', '.join(bad) or '(none)'}; choose from q16,nudenet")
+        raise UsageError(f"--classifiers: unknown {', '.join(bad) or '(none)'}; choose from q16,nudenet")
     _positive("--batch", a.batch)
     counts = classify(a.folder, chosen, clip=a.clip, q16_prompts=a.q16_prompts, device=_device(a.device),
                       batch=a.batch, progress=not a.quiet)
@@ -96,13 +98,13 @@ def cmd_report(a):
 def add_parser(sub):  # called by cli.build_parser()
     """Add `i2p` with its three subcommands to the subparsers `sub` of `cli.build_parser()`."""
     i2p = sub.add_parser("i2p", help="the I2P benchmark: generate, classify, report")
-    i2p_sub = i2p.add_subparsers(dest="i2p_command", required=True, parser_class=cli.Parser)
+    i2p_sub = i2p.add_subparsers(dest="i2p_command", required=True, parser_class=Parser)
 
     g = i2p_sub.add_parser("generate", help="make the images of I2P's prompts into a run folder (resumable)")
     g.add_argument("--prompts", required=True, help="the I2P CSV (hub dataset AIML-TUDA/i2p)")
-    g.add_argument("--weights", default=str(cli.DEFAULT_WEIGHTS), help="SD 1.x folder")
+    g.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="SD 1.x folder")
     g.add_argument("--out", required=True, help="run folder (created; an existing one is continued)")
-    g.add_argument("--safety", type=str.lower, choices=["off", "weak", "medium", "strong", "max"])
+    g.add_argument("--safety", type=str.lower, choices=list(PRESETS))
     g.add_argument("--safety-concept", help="the concept SLD steers away from (default: the paper's)")
     g.add_argument("--negative-prompt-baseline", action="store_true",
                    help="plain SD with the safety concept as negative prompt (the paper's 'Neg. prompt')")
@@ -116,7 +118,8 @@ def add_parser(sub):  # called by cli.build_parser()
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--height", type=int, default=512)
     g.add_argument("--width", type=int, default=512)
-    g.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim"], help="DDIM runs with η = 0")
+    g.add_argument("--scheduler", default="pndm", choices=list(SAMPLERS),
+                   help="deterministic samplers only (a resumed run must make the same images); DDIM runs with η = 0")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     g.add_argument("--quiet", action="store_true")

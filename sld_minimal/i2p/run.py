@@ -28,9 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEDULERS = ("pndm", "ddim")
-
-
 def warn(message: str):
     """Warnings go to stderr as one line each (library functions print nothing else but progress)."""
     print(f"sld-minimal: warning: {message}", file=sys.stderr)
@@ -45,7 +42,7 @@ class Row:
     prompt: str
     categories: tuple       # e.g. ("sexual", "violence"), lower case
     seed: int               # sd_seed
-    guidance: float | None  # sd_guidance_scale; None where missing or not a number
+    guidance_scale: float | None  # sd_guidance_scale; None where missing or not a number
 
 
 def _integer(text: str) -> int:
@@ -203,22 +200,23 @@ def model_fingerprint(pipe) -> str:
 
 
 def image_settings(pipe, safety, negative_prompt_baseline=False, images_per_prompt=10, batch=5, steps=50,
-                   guidance=7.5, height=512, width=512, scheduler="pndm", concept=None) -> dict:
+                   guidance_scale=7.5, height=512, width=512, scheduler="pndm", concept=None) -> dict:
     """Everything that defines the images of a run (what run.json compares). `safety`: a SafetyConfig or None;
-    `guidance`: a number or "row" (each row's sd_guidance_scale); `concept`: the negative-prompt baseline's."""
+    `guidance_scale`: a number or "row" (each row's sd_guidance_scale); `concept`: the negative-prompt baseline's.
+    (The file keeps the key "guidance" for s_g, so that runs started earlier resume.)"""
     if safety is not None:
         concept = safety.concept
     return {"weights": model_fingerprint(pipe), "dtype": str(pipe.dtype).removeprefix("torch."),
             "safety": None if safety is None else safety.values(),
             "concept": concept if safety is not None or negative_prompt_baseline else None,
             "negative_prompt_baseline": bool(negative_prompt_baseline),
-            "steps": steps, "guidance": guidance, "height": height, "width": width, "scheduler": scheduler,
+            "steps": steps, "guidance": guidance_scale, "height": height, "width": width, "scheduler": scheduler,
             "images_per_prompt": images_per_prompt, "batch": batch}
 
 
 def open_run(folder, settings: dict) -> dict:
     """Create `folder/run.json` with `settings`, or check that the one there has the same settings."""
-    from .. import __version__
+    from .._version import __version__
 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -242,11 +240,10 @@ def batches(images_per_prompt: int, batch: int) -> list:
 
 def skip_batch(pipe, generator, n: int, height: int, width: int):
     """Advance `generator` exactly as `pipe(..., num_images=n, generator=generator)` would: it draws the initial
-    latents (n, 4, h, w) in the pipeline's dtype on the generator's device, and nothing else (PNDM; DDIM η = 0)."""
-    import torch
+    latents, with the pipeline's own function, and nothing else (a deterministic sampler draws nothing)."""
+    from ..pipeline import initial_latents
 
-    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # the VAE's downscale, as the pipeline computes it
-    torch.randn((n, 4, height // f, width // f), generator=generator, device=generator.device, dtype=pipe.dtype)
+    initial_latents(generator, pipe.latent_shape(n, height, width), pipe.dtype, "cpu")
 
 
 def _png(image: np.ndarray, texts: dict) -> bytes:
@@ -263,22 +260,28 @@ def _png(image: np.ndarray, texts: dict) -> bytes:
 
 
 def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, images_per_prompt=10, batch=5,
-             steps=50, guidance=7.5, height=512, width=512, scheduler="pndm", concept=None, progress=True,
+             steps=50, guidance_scale=7.5, height=512, width=512, scheduler="pndm", concept=None, progress=True,
              after_batch=None) -> dict:
     """Make the missing images of `rows` in `folder` (see the module docstring). `safety`: preset name,
     SafetyConfig or None; `negative_prompt_baseline`: plain SD with `concept` (default: the paper's safety
-    concept) as negative prompt; `guidance`: a number or "row". `after_batch(row, ks)` is called after each
+    concept) as negative prompt; `guidance_scale`: a number or "row". `after_batch(row, ks)` is called after each
     written batch (tests use it to interrupt a run). Returns {"made": n, "found": n}."""
     import torch
 
-    from ..guidance import DEFAULT_CONCEPT
-    from ..pipeline import resolve_safety
+    from .. import schedulers
+    from ..guidance import DEFAULT_CONCEPT, SafetyConfig
+    from ..pipeline import render
 
-    safety = resolve_safety(safety)
+    if isinstance(safety, str):
+        safety = None if safety.strip().lower() == "off" else SafetyConfig.preset(safety)
+    if not (safety is None or isinstance(safety, SafetyConfig)):
+        raise TypeError(f"safety must be a preset name, a SafetyConfig or None, not {safety!r}")
     if negative_prompt_baseline and safety is not None:
         raise ValueError("the negative-prompt baseline runs plain SD: it needs safety off")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if scheduler not in schedulers.SAMPLERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers.SAMPLERS)}")
+    if schedulers.from_config(pipe.scheduler_config, scheduler).stochastic:  # (DDIM here runs with η = 0)
+        raise ValueError(f"scheduler {scheduler!r} draws noise at every step; resuming a run needs a deterministic one")
     # Checked before run.json is written: a run folder never records settings that cannot run.
     for name, value in (("images_per_prompt", images_per_prompt), ("batch", batch), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
@@ -287,11 +290,11 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
         if not isinstance(value, int) or value < 8 or value % 8:
             raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
     folder = Path(folder)
-    if guidance != "row" and not (isinstance(guidance, (int, float)) and guidance >= 0):
-        raise ValueError(f"guidance must be a number >= 0 or 'row', got {guidance!r}")
+    if guidance_scale != "row" and not (isinstance(guidance_scale, (int, float)) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be a number >= 0 or 'row', got {guidance_scale!r}")
     concept = concept or DEFAULT_CONCEPT
     open_run(folder, image_settings(pipe, safety, negative_prompt_baseline, images_per_prompt, batch, steps,
-                                    guidance, height, width, scheduler, concept))
+                                    guidance_scale, height, width, scheduler, concept))
     negative = concept if negative_prompt_baseline else None
     groups = batches(images_per_prompt, batch)
 
@@ -307,14 +310,14 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
             if all((row.id, g.start) in done for g in groups):
                 continue
             generator = torch.Generator("cpu").manual_seed(row.seed)  # one stream per row, as the authors'
-            scale = row.guidance if guidance == "row" else guidance
+            scale = row.guidance_scale if guidance_scale == "row" else guidance_scale
             for g in groups:
                 if (row.id, g.start) in done:
                     skip_batch(pipe, generator, len(g), height, width)  # fast-forward past a finished batch
                     continue
                 out = pipe(row.prompt, guidance_scale=scale, num_images=len(g), generator=generator, **call)
-                for k, image, params in zip(g, out.images, out.parameters):
-                    params = params.replace("Seed: None", f"Seed: {row.seed} (one stream per row, batches of {batch})")
+                for k, image, settings in zip(g, out.images, out.settings):
+                    params = render(settings | {"seed": f"{row.seed} (one stream per row, batches of {batch})"})
                     meta = {"row": row.id, "k": k, "prompt": row.prompt, "categories": list(row.categories),
                             "seed": row.seed, "batch": batch, "guidance": scale}
                     png = _png(image, {"parameters": params, "i2p": json.dumps(meta)})

@@ -15,8 +15,10 @@ What is measured, and how:
   generation, summed), UNet (per call, median, by batch size), VAE decode (pre-hook on `post_quant_conv`, hook on
   `decoder`: both sides run exactly these two). "generation" is the whole pipeline call, including scheduler and
   guidance arithmetic; "load" is `from_pretrained` (imports, transformers included on both sides, are timed
-  apart). The weight files are read once before the first run, so every run loads from the page cache. Both sides
-  map the safetensors files (zero-copy), so pages of weights are read in at their first use, inside generation.
+  apart). The weight files are read once before the first run, so every run loads from the page cache. diffusers
+  maps the safetensors files (zero-copy: pages of weights are read in at their first use, inside generation); ours
+  reads every tensor into fresh, aligned memory at load (`weights.read_tensors`: results must not depend on where a
+  file puts a tensor), so its load includes that copy and its generation does not.
 * Page faults and system time show memory churn: glibc gives every allocation above its mmap threshold (at most
   32 MiB) fresh pages and returns them on free, so large temporaries (activations at 256+ px, oneDNN's weight
   reorders) are paid in page faults on every call. `--env MALLOC_MMAP_THRESHOLD_=4294967296
@@ -181,7 +183,7 @@ def run_unet(a) -> dict:
     """Only the UNet: forwards at (3, 4, size/8, size/8) interleaved with 2048² fp32 matmuls, both timed."""
     torch, dtype, sync = setup_torch(a)
     if a.side == "ours":
-        from sld_minimal.loading import load_component
+        from sld_minimal.folder import load_component
 
         unet = load_component(a.weights, "unet", a.device, dtype)
         if a.compile:
@@ -239,7 +241,7 @@ def unet_flops(weights: Path, size: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sld_minimal.loading import read_config
+    from sld_minimal.weights import read_config
     from sld_minimal.unet import UNet2DConditionModel, UNetConfig
 
     cfg = read_config(UNetConfig, weights / "unet" / "config.json")

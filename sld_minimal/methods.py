@@ -1,0 +1,250 @@
+"""Guidance methods: small objects that say which text conditions they need at a step and combine the UNet's
+estimates for them into the ε the sampler takes. The math is in `guidance.py`; this module only composes it.
+
+A method is any object with
+
+    conditions(step, num_steps, t) -> list of condition names   which branches the UNet must evaluate at this step
+    __call__(eps, step, num_steps, t) -> (ε̂, terms)             eps: {condition name: ε}, (N, 4, h, w) each;
+                                                                 terms: its intermediates, by name (may be empty)
+    reset()                                                      (optional) forget the state of a previous run
+
+Condition names: `UNCOND` (the negative prompt, "" by default: ε_∅), `PROMPT` (ε_p), and `concept(text)` for any
+other text, evaluated for every image (ε_S for a safety concept, ε_c for an edit concept). The sampling loop
+(`pipeline.sample`) batches exactly the conditions a method asks for into one UNet call and hands the estimates
+back by name, so a method that needs a new branch just names it.
+
+Built in: `CFG`, `SLD` (one or several safety concepts), `SEGA` (semantic edits), `SLDWithSEGA`. Each gives the
+bits of the reference pipelines (diffusers' StableDiffusionPipelineSafe and SemanticStableDiffusionPipeline).
+`PRESETS` maps a name (`--safety`, `pipe(safety="strong")`) to a factory of methods.
+"""
+import dataclasses
+
+from . import guidance as G
+
+UNCOND, PROMPT = "uncond", "prompt"
+
+
+def concept(text: str) -> str:
+    """The condition name of a concept text, e.g. "concept:nudity"."""
+    return f"concept:{text}"
+
+
+def concept_text(name: str) -> str:
+    """The text of a condition named by `concept`."""
+    if not name.startswith("concept:"):
+        raise ValueError(f"unknown condition {name!r}: expected methods.UNCOND, methods.PROMPT or methods.concept(…)")
+    return name.removeprefix("concept:")
+
+
+def _unique(names):
+    return list(dict.fromkeys(names))  # order kept: the batch order of the UNet call
+
+
+class CFG:
+    """Classifier-free guidance (Ho & Salimans 2022): ε̂ = ε_∅ + s_g·(ε_p − ε_∅). With s_g ≤ 1 guidance is off
+    and only the prompt's branch is computed, ε̂ = ε_p (as in diffusers)."""
+
+    def __init__(self, guidance_scale: float = 7.5):
+        self.guidance_scale = guidance_scale
+
+    @property
+    def cfg_on(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def reset(self):
+        pass
+
+    def conditions(self, step, num_steps, t) -> list:
+        return [UNCOND, PROMPT] if self.cfg_on else [PROMPT]
+
+    def __call__(self, eps, step, num_steps, t):
+        if not self.cfg_on:
+            return eps[PROMPT], {}
+        return G.cfg_guidance(eps[UNCOND], eps[PROMPT], self.guidance_scale), {}
+
+    def describe(self) -> str:
+        return f"CFG (s_g {self.guidance_scale})"
+
+
+class SLD(CFG):
+    """Safe Latent Diffusion (`guidance.multi_sld_guidance`; one concept: `guidance.sld_guidance`).
+
+    `safety`: one SafetyConfig or a list (several concepts: each with its own μ_c, threshold, warm-up and momentum
+    ν_c; an extension beyond the paper). Configs that are not `enabled` (s_S ≤ 1) contribute nothing and cost no
+    branch; configs with the same concept text share one branch. Terms: per config, `mu`, `gamma` and `nu` (None
+    where the config was not computed at this step)."""
+
+    def __init__(self, safety, guidance_scale: float = 7.5):
+        super().__init__(guidance_scale)
+        configs = [safety] if isinstance(safety, G.SafetyConfig) else list(safety)
+        if not all(isinstance(c, G.SafetyConfig) for c in configs):
+            raise TypeError("safety must be a SafetyConfig or a list of SafetyConfigs")
+        self.safety = [c for c in configs if c.enabled]
+        self.reset()
+
+    def reset(self):
+        self.momenta = [None] * len(self.safety)  # ν_c; None = 0
+
+    def computed(self, step) -> list:
+        """Indices of the configs whose safety term is computed at this step. The branch is skipped where it cannot
+        change the result: no momentum (s_m = 0, so ν never reaches γ) and still in warm-up (γ not subtracted)."""
+        if not self.cfg_on:
+            return []
+        return [i for i, c in enumerate(self.safety) if c.momentum_scale != 0 or step >= c.warmup_steps]
+
+    def conditions(self, step, num_steps, t) -> list:
+        return super().conditions(step, num_steps, t) + _unique(concept(self.safety[i].concept)
+                                                                for i in self.computed(step))
+
+    def __call__(self, eps, step, num_steps, t):
+        active = self.computed(step)
+        if not active:
+            return super().__call__(eps, step, num_steps, t)
+        configs = [self.safety[i] for i in active]
+        eps_hat, momenta, gammas, mus = G.multi_sld_guidance(
+            eps[UNCOND], eps[PROMPT], [eps[concept(c.concept)] for c in configs], self.guidance_scale, configs,
+            step, [self.momenta[i] for i in active])
+        terms = {"safety": self.safety, "mu": [None] * len(self.safety), "gamma": [None] * len(self.safety)}
+        for i, nu, gamma, mu in zip(active, momenta, gammas, mus):
+            self.momenta[i], terms["gamma"][i], terms["mu"][i] = nu, gamma, mu
+        terms["nu"] = list(self.momenta)
+        return eps_hat, terms
+
+    def describe(self) -> str:
+        return f"SLD (s_g {self.guidance_scale}; " + "; ".join(
+            f"{c.concept!r}: " + ", ".join(f"{k}={v}" for k, v in c.values().items()) for c in self.safety) + ")"
+
+
+class SEGA(CFG):
+    """Semantic guidance (`guidance.sega_terms`): ε̂ = ε_∅ + (s_g·(ε_p − ε_∅) + γ̂), summed in the reference's
+    order. Terms: `edits`, `edit_directions` (each edit's masked μ ⊙ ψ_c), `edit_term` (γ̂), `edit_nu`."""
+
+    def __init__(self, edits, guidance_scale: float = 7.5, momentum_scale: float = 0.1, momentum_beta: float = 0.4):
+        super().__init__(guidance_scale)
+        self.edits = list(edits)
+        if not all(isinstance(e, G.Edit) for e in self.edits):
+            raise TypeError("edits must be guidance.Edit objects")
+        self.momentum_scale, self.momentum_beta = momentum_scale, momentum_beta
+        self.reset()
+
+    def reset(self):
+        self.momentum = None
+
+    def conditions(self, step, num_steps, t) -> list:
+        edits = _unique(concept(e.concept) for e in self.edits) if self.cfg_on else []
+        return super().conditions(step, num_steps, t) + edits
+
+    def term(self, eps, step):
+        """γ̂ and the terms, updating the momentum."""
+        term, self.momentum, directions = G.sega_terms(
+            eps[UNCOND], [eps[concept(e.concept)] for e in self.edits], self.edits, step, self.momentum,
+            self.momentum_scale, self.momentum_beta)
+        return term, {"edits": self.edits, "edit_directions": directions, "edit_term": term,
+                      "edit_nu": self.momentum}
+
+    def __call__(self, eps, step, num_steps, t):
+        if not self.cfg_on or not self.edits:
+            return super().__call__(eps, step, num_steps, t)
+        term, terms = self.term(eps, step)
+        eps_u, eps_p = eps[UNCOND], eps[PROMPT]
+        return eps_u + (self.guidance_scale * (eps_p - eps_u) + term), terms
+
+    def describe(self) -> str:
+        return "SEGA (s_g {}; {}; s_m {}, β_m {})".format(self.guidance_scale, "; ".join(
+            f"{'-' if e.reverse else '+'}{e.concept} (scale {e.scale}, threshold {e.threshold}, warmup "
+            f"{e.warmup_steps}, cooldown {e.cooldown_steps}, weight {e.weight})" for e in self.edits),
+            self.momentum_scale, self.momentum_beta)
+
+
+class SLDWithSEGA:
+    """SLD and SEGA together: ε̂ = SLD's ε̂ + γ̂. At steps where no safety term is computed, SEGA's own sum."""
+
+    def __init__(self, sld: SLD, sega: SEGA):
+        self.sld, self.sega = sld, sega
+
+    @property
+    def guidance_scale(self):
+        return self.sld.guidance_scale
+
+    def reset(self):
+        self.sld.reset()
+        self.sega.reset()
+
+    def conditions(self, step, num_steps, t) -> list:
+        return _unique(self.sld.conditions(step, num_steps, t) + self.sega.conditions(step, num_steps, t))
+
+    def __call__(self, eps, step, num_steps, t):
+        if not self.sld.computed(step):
+            return self.sega(eps, step, num_steps, t)
+        eps_hat, terms = self.sld(eps, step, num_steps, t)
+        term, sega_terms = self.sega.term(eps, step)
+        return eps_hat + term, terms | sega_terms
+
+    def describe(self) -> str:
+        return f"{self.sld.describe()} + {self.sega.describe()}"
+
+
+class FunctionSLD(SLD):
+    """SLD with its combination replaced by a function of `guidance.sld_guidance`'s signature, fn(ε_∅, ε_p, ε_S,
+    s_g, safety, step, ν) -> (ε̂, ν): what the deprecated `pipe(..., guidance=fn)` runs. The safety branch is
+    computed at every step (the function may use it anywhere)."""
+
+    def __init__(self, fn, safety: G.SafetyConfig, guidance_scale: float = 7.5):
+        super().__init__(safety, guidance_scale)
+        self.fn = fn
+
+    def computed(self, step) -> list:
+        return [0] if self.cfg_on and self.safety else []
+
+    def __call__(self, eps, step, num_steps, t):
+        if not self.computed(step):
+            return super().__call__(eps, step, num_steps, t)
+        safety = self.safety[0]
+        eps_hat, self.momenta[0] = self.fn(eps[UNCOND], eps[PROMPT], eps[concept(safety.concept)],
+                                           self.guidance_scale, safety, step, self.momenta[0])
+        return eps_hat, {}
+
+    def describe(self) -> str:
+        return f"{getattr(self.fn, '__name__', 'a function')} in place of SLD ({super().describe()})"
+
+
+def build(safety=None, edits=(), guidance_scale=7.5, edit_momentum_scale=0.1, edit_momentum_beta=0.4):
+    """The method for the pipeline's `safety=` (None/"off", a preset name, a SafetyConfig or a list of them) and
+    `edits=` (SEGA Edits)."""
+    if isinstance(safety, str):
+        base = preset(safety)(guidance_scale)
+    elif safety is None:
+        base = CFG(guidance_scale)
+    else:
+        base = SLD(safety, guidance_scale)
+    if not edits:
+        return base
+    sega = SEGA(edits, guidance_scale, edit_momentum_scale, edit_momentum_beta)
+    if isinstance(base, SLD) and base.safety:
+        return SLDWithSEGA(base, sega)
+    if type(base) is CFG or isinstance(base, SLD):  # SLD with no enabled config adds nothing
+        return sega
+    raise ValueError(f"edits= cannot be combined with the {safety!r} preset")
+
+
+def _sld_preset(config):
+    return lambda guidance_scale=7.5, concept_text=None: SLD(
+        config if concept_text is None else _with_concept(config, concept_text), guidance_scale)
+
+
+def _with_concept(config, text):
+    return dataclasses.replace(config, concept=text)
+
+
+# The preset registry: name -> factory(guidance_scale, concept_text=None) -> method. The CLI's --safety choices,
+# validation and image metadata read it; a new preset is one line here.
+PRESETS = {"off": lambda guidance_scale=7.5, concept_text=None: CFG(guidance_scale),
+           **{name: _sld_preset(config) for name, config in G.PRESETS.items()}}
+
+
+def preset(name: str):
+    """The factory of the named preset (any case)."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in PRESETS:
+        raise ValueError(f"unknown safety preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[key]

@@ -1,0 +1,111 @@
+"""The sampling loop (`sample`): from the initial noise x_T to the final latents, knowing no guidance formula.
+
+Per step the guidance method (methods.py) names the text conditions it needs, one batched UNet call evaluates them
+on the sampler's scaled input, the method combines the estimates by name, and the sampler (schedulers.py) takes the
+combined ε to the next latent; a callback sees every step (`StepInfo`) and may replace the latents or stop.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from .methods import PROMPT, UNCOND
+
+
+class _Sentinel:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+STOP = _Sentinel("sld_minimal.STOP")  # a callback returns this to end sampling after the current step
+
+
+@dataclass
+class StepInfo:
+    """What `callback(info)` receives once per step: the step's inputs and outputs and the method's own
+    intermediates (`terms`, by name). The diagnostics below are read from those, computed when read; each is None
+    where the method did not compute what it needs."""
+    step: int                    # index into the sampler's timesteps
+    num_steps: int               # len(timesteps): the number of UNet calls
+    timestep: int | float
+    latents: torch.Tensor        # x_t, the latents of this step (before the sampler's input scaling), (N, 4, h, w)
+    next_latents: torch.Tensor   # the sampler's result; a callback may return replacement latents for it
+    eps: torch.Tensor            # the guided estimate ε̂ handed to the sampler
+    branches: dict               # condition name -> the UNet's ε for it (methods.UNCOND, methods.PROMPT, concepts)
+    terms: dict = field(default_factory=dict)  # the method's intermediates (SLD: mu, gamma, nu; SEGA: edit_*)
+    guidance_scale: float | None = None
+
+    @property
+    def mu(self):
+        """SLD's per-element scale μ; with several safety concepts, the element-wise maximum of their μ_c."""
+        mus = [m for m in self.terms.get("mu", ()) if m is not None]
+        return None if not mus else mus[0] if len(mus) == 1 else torch.stack(mus).amax(dim=0)
+
+    @property
+    def sld_active(self):
+        """Share of latent elements with μ > 0 (any safety concept)."""
+        return None if self.mu is None else (self.mu > 0).float().mean().item()
+
+    @property
+    def cfg_norm(self):
+        """‖s_g·(ε_p − ε_∅)‖."""
+        if self.guidance_scale is None or UNCOND not in self.branches:
+            return None
+        return (self.guidance_scale * (self.branches[PROMPT] - self.branches[UNCOND])).norm().item()
+
+    @property
+    def safety_norm(self):
+        """‖s_g·Σ_c γ_c‖ over the safety terms computed at this step (warm-up included, where γ is not yet applied)."""
+        gammas = [g for g in self.terms.get("gamma", ()) if g is not None]
+        return None if not gammas else (self.guidance_scale * sum(gammas)).norm().item()
+
+    @property
+    def edits(self) -> list:
+        """Per SEGA edit: its concept, the share of elements its mask keeps, and ‖μ ⊙ ψ_c‖."""
+        return [{"concept": e.concept, "kept": (d != 0).float().mean().item(), "norm": d.norm().item()}
+                for e, d in zip(self.terms.get("edits", ()), self.terms.get("edit_directions", ()))]
+
+
+def sample(unet, sampler, method, latents, context, generator=None, callback=None, progress=False) -> torch.Tensor:
+    """The sampling loop: from x_T (`latents`) to x_0, the final latents. `context(name)` is a condition's text
+    embedding, (N, 77, d); `callback(info)` may return replacement latents or STOP."""
+    timesteps = sampler.timesteps.tolist()
+    for i, t in enumerate(_progress(timesteps, progress)):
+        names = method.conditions(i, len(timesteps), t)
+        x = sampler.scale_model_input(latents, t)
+        eps = unet(torch.cat([x] * len(names)), t, torch.cat([context(n) for n in names])).chunk(len(names))
+        branches = dict(zip(names, eps))                                   # condition -> ε, (N, 4, h, w) each
+        eps_hat, terms = method(branches, i, len(timesteps), t)
+        new = sampler.step(eps_hat, t, latents, generator=generator)
+        if not torch.isfinite(new).all():
+            hint = "try --dtype fp32" if new.dtype != torch.float32 else "check the guidance settings and the weights"
+            raise FloatingPointError(f"the latents became NaN or infinite at step {i} (timestep {t}); {hint}")
+        if callback is not None:
+            reply = callback(StepInfo(i, len(timesteps), t, latents, new, eps_hat, branches, terms,
+                                      getattr(method, "guidance_scale", None)))
+            if reply is STOP:
+                return new
+            if reply is not None:
+                if not (isinstance(reply, torch.Tensor) and reply.shape == new.shape):
+                    raise ValueError(f"a callback returns None, STOP or latents of shape {tuple(new.shape)}, "
+                                     f"got {reply!r:.80}")
+                new = reply
+        latents = new
+    return latents
+
+
+def initial_latents(generator, shape, dtype, device, sigma=1.0) -> torch.Tensor:
+    """x_T = z · σ_init, z ~ N(0, I) drawn in one call on the generator's device (CPU by default, as diffusers), so
+    that a seed gives the same noise on any device; `sigma`: the sampler's `init_noise_sigma`."""
+    z = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    return z.to(device) * sigma
+
+
+def _progress(steps, enabled):
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, leave=False)

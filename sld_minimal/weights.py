@@ -1,0 +1,138 @@
+"""Strict weight reading, the primitives both checkpoint layouts share: configs, state dicts, modules built on `meta`.
+
+Modules are built on the `meta` device (no memory, no init) and receive the file's tensors with
+`load_state_dict(strict=True, assign=True)`, so loading costs about one read of the files. Every problem is a
+`WeightsError` whose one-line message names the file and what to do. Which file and which key names: `folder.py`
+(the published diffusers folder) and `layouts.py` (one CompVis file) say; `loading.py` picks between them.
+"""
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from . import speedups
+from .clip import CLIPTextConfig, CLIPTextModel
+from .unet import UNet2DConditionModel, UNetConfig
+from .vae import AutoencoderKLDecoder, VAEConfig
+
+
+class WeightsError(Exception):
+    """A model folder or file that cannot be loaded; the message says which file and how to fix it."""
+
+
+# component -> (module, config)
+MODELS = {
+    "text_encoder": (CLIPTextModel, CLIPTextConfig),
+    "unet": (UNet2DConditionModel, UNetConfig),
+    "vae": (AutoencoderKLDecoder, VAEConfig),
+}
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")  # refused by name, never opened: a pickle can run code
+
+
+def read_config(cls, path: Path):
+    """A frozen config dataclass from a `config.json`: known keys are read, missing ones keep the SD 1.4
+    defaults, unknown ones are ignored; keys that change the architecture beyond SD 1.x are refused."""
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing; the model folder is incomplete — download it again")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON ({e}); download it again") from None
+    return config_from_dict(cls, raw, path)
+
+
+def config_from_dict(cls, raw: dict, source):
+    """`read_config` for a dict already parsed (`source` names where it came from in errors)."""
+    if raw.get("use_linear_projection") or isinstance(raw.get("attention_head_dim"), list):
+        raise WeightsError(f"{source} describes an SD 2.x-style UNet; only SD 1.x models are supported")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: {e}") from None
+
+
+# safetensors' dtype names -> torch's
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def read_state_dict(path: Path, component: str, expected: dict, device, dtype, rename) -> dict:
+    """Read exactly the tensors a module expects (name -> shape), checked one by one, cast to dtype on device
+    (`dtype=None` keeps the file's). `rename(file key)` gives the module name, None to skip: the folder layout's
+    `folder.canonical_key`, or the single-file layout's map (`layouts.py`)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # checks the header; reads no tensor
+            keys = {rename(k): k for k in f.keys()}
+            keys.pop(None, None)
+            unexpected, missing = sorted(set(keys) - set(expected)), sorted(set(expected) - set(keys))
+            if unexpected:
+                raise WeightsError(f"{path}: unexpected key {keys[unexpected[0]]!r}; this is not an SD 1.x "
+                                   f"{component} (or its config.json does not match the weights)")
+            if missing:
+                raise WeightsError(f"{path}: key {missing[0]!r} is missing; the file is incomplete or not an "
+                                   f"SD 1.x {component}")
+            for k, shape in expected.items():
+                found = tuple(f.get_slice(keys[k]).get_shape())
+                if found != tuple(shape):
+                    raise WeightsError(f"{path}: key {keys[k]!r} has shape {list(found)}, expected {list(shape)} "
+                                       f"(does {component}/config.json match the weights?)")
+        return read_tensors(path, {k: keys[k] for k in expected}, device, dtype)
+    except SafetensorError as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({e}); it may be truncated — "
+                           f"delete it and download again") from None
+    except OSError as e:
+        raise WeightsError(f"{path} cannot be read ({e})") from None
+
+
+def read_tensors(path: Path, names: dict, device, dtype=None) -> dict:
+    """{name: tensor} for {name: key in the file}, each read into memory of its own, cast to `dtype` on `device`.
+
+    Why not use the file's bytes where they lie (a memory map, zero-copy)? A tensor in a safetensors file starts
+    wherever the file put it — `conv_in.weight` at 52 mod 64 bytes in a model folder, at 8 mod 64 in a single file
+    — and oneDNN picks its kernels, and so its summation order, by the alignment of the weights: the same weights at
+    two offsets gave outputs 7e-7 apart on some CPUs. So every tensor is read into fresh memory from torch's
+    allocator (64-byte aligned on the CPU), and results depend on the weights' values only. Plain reads, in file
+    order: one copy, and no file mapping left in RSS."""
+    with open(path, "rb", buffering=0) as fh:
+        n = int.from_bytes(fh.read(8), "little")  # safetensors: u64 header size, JSON header, then the data
+        header, base = json.loads(fh.read(n)), 8 + n
+        state = {}
+        for name, key in sorted(names.items(), key=lambda kv: header[kv[1]]["data_offsets"][0]):
+            info = header[key]
+            if info["dtype"] not in DTYPES:
+                raise WeightsError(f"{path}: key {key!r} has dtype {info['dtype']}, which is not supported")
+            begin, end = info["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            _read_exactly(fh, base + begin, raw, path)
+            file_dtype = DTYPES[info["dtype"]]
+            # .to() returns the tensor itself when nothing changes, else a fresh (aligned) copy
+            state[name] = raw.view(file_dtype).reshape(info["shape"]).to(device=device, dtype=dtype or file_dtype)
+        return state
+
+
+def _read_exactly(fh, offset: int, into: torch.Tensor, path):
+    """Fill the uint8 tensor `into` with the file's bytes from `offset` on."""
+    view, done = memoryview(into.numpy()).cast("B"), 0
+    fh.seek(offset)
+    while done < len(view):  # one read may return less (Linux caps a read near 2 GiB)
+        got = fh.readinto(view[done:])
+        if not got:
+            raise WeightsError(f"{path} ends before its tensors do; it is truncated — delete it and download again")
+        done += got
+
+
+def build(component: str, config, read):
+    """The module built on `meta` (no memory, no init), then given `read(expected)`: the tensors for exactly the
+    expected names and shapes (`read_state_dict` checks each one), assigned strictly; with `speedups.py`'s CPU
+    paths on top (the same weights and keys, only faster)."""
+    with torch.device("meta"), speedups.no_init_on_meta():
+        model = MODELS[component][0](config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(read(expected), strict=True, assign=True)
+    return speedups.apply(model.eval().requires_grad_(False))

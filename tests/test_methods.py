@@ -1,0 +1,198 @@
+"""Guidance methods (methods.py) and the loop's seams: conditions by name, several safety concepts, method objects,
+callbacks that stop or replace the latents."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sld_minimal import STOP, methods, schedulers
+from sld_minimal import guidance as G
+from sld_minimal.guidance import SafetyConfig
+from sld_minimal.methods import PROMPT, UNCOND, concept
+from sld_minimal.pipeline import StableDiffusion
+
+KW = dict(seed=3, height=32, width=32, num_inference_steps=6, progress=False)
+PROMPT_TEXT = "a photo of the cat"
+NUDITY = SafetyConfig(scale=800, warmup_steps=2, threshold=0.02, momentum_scale=0.3, momentum_beta=0.5,
+                      concept="the king")
+DOG = SafetyConfig(scale=3000, warmup_steps=4, threshold=0.0, momentum_scale=0.0, momentum_beta=0.0,
+                   concept="a dog")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt):
+    return StableDiffusion.from_pretrained(tiny_ckpt)
+
+
+def batch_sizes(pipe, **kw):
+    sizes = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        out = pipe(PROMPT_TEXT, **(KW | kw))
+    finally:
+        handle.remove()
+    return out, sizes
+
+
+class Recorder:
+    """A method that wraps another and keeps every branch's ε and what it was told, per step."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+
+    def reset(self):
+        self.inner.reset()
+        self.seen.clear()
+
+    def conditions(self, step, num_steps, t):
+        return self.inner.conditions(step, num_steps, t)
+
+    def __call__(self, eps, step, num_steps, t):
+        self.seen.append((step, num_steps, t, dict(eps)))
+        return self.inner(eps, step, num_steps, t)
+
+
+# ---------------------------------------------------------------- several safety concepts
+
+@pytest.mark.bitexact
+def test_a_list_of_one_config_is_the_single_config(pipe):
+    one = pipe(PROMPT_TEXT, safety=NUDITY, **KW)
+    listed = pipe(PROMPT_TEXT, safety=[NUDITY], **KW)
+    assert torch.equal(one.latents, listed.latents) and np.array_equal(one.images, listed.images)
+    assert one.parameters == listed.parameters
+
+
+@pytest.mark.bitexact
+def test_no_config_and_disabled_configs_are_plain_sd(pipe):
+    plain, plain_sizes = batch_sizes(pipe, safety=None)
+    empty, empty_sizes = batch_sizes(pipe, safety=[])
+    weak = dataclasses.replace(NUDITY, scale=1.0)  # s_S ≤ 1: contributes nothing, costs no branch
+    off, off_sizes = batch_sizes(pipe, safety=[weak])
+    assert plain_sizes == empty_sizes == off_sizes == [2] * 7  # PNDM: steps + 1 calls of ∅ and prompt
+    assert torch.equal(plain.latents, empty.latents) and torch.equal(plain.latents, off.latents)
+
+
+def test_two_concepts_each_with_its_own_scales(pipe):
+    """ε̂ = ε_∅ + s_g·(ε_p − ε_∅ − Σ_{c warm} γ_c), each concept with its own μ_c, δ_c and ν_c, from the
+    recorded branches; DOG (s_m = 0) costs its branch only from its warm-up δ = 4 on."""
+    recorder = Recorder(methods.SLD([NUDITY, DOG]))
+    seen = []
+    pipe(PROMPT_TEXT, method=recorder, callback=seen.append, **KW)
+    momenta = [None, None]
+    for (step, num_steps, t, eps), info in zip(recorder.seen, seen):
+        keys = [UNCOND, PROMPT, concept("the king")] + ([concept("a dog")] if step >= 4 else [])
+        assert list(eps) == keys and num_steps == 7 and t == info.timestep
+        configs = [NUDITY, DOG][:len(keys) - 2]
+        expected, momenta[:len(configs)], gammas, mus = G.multi_sld_guidance(
+            eps[UNCOND], eps[PROMPT], [eps[k] for k in keys[2:]], 7.5, configs, step, momenta[:len(configs)])
+        assert torch.equal(info.eps, expected)
+        by_hand = eps[PROMPT] - eps[UNCOND]
+        for c, g in zip(configs, gammas):
+            by_hand = by_hand - g if step >= c.warmup_steps else by_hand
+        assert torch.allclose(info.eps, eps[UNCOND] + 7.5 * by_hand, atol=1e-6)
+        assert info.mu is not None and torch.equal(info.mu, mus[0] if len(mus) == 1 else torch.maximum(*mus))
+
+
+def test_configs_with_the_same_concept_share_one_branch(pipe):
+    twin = dataclasses.replace(DOG, concept=NUDITY.concept)
+    _, sizes = batch_sizes(pipe, safety=[NUDITY, twin])
+    assert sizes == [3] * 7
+
+
+# ---------------------------------------------------------------- method objects, the research API
+
+def test_a_schedule_on_the_safety_scale_sees_steps_and_timesteps(pipe):
+    class Ramp(methods.SLD):
+        """s_S grows linearly over the run: a method that reads the step and the number of steps."""
+
+        def __call__(self, eps, step, num_steps, t):
+            self.safety = [dataclasses.replace(NUDITY, scale=2.0 + 1000 * step / (num_steps - 1))]
+            return super().__call__(eps, step, num_steps, t)
+
+    seen = []
+    out = pipe(PROMPT_TEXT, method=Ramp(NUDITY), callback=seen.append, **KW)
+    assert [i.terms["safety"][0].scale for i in seen] == [2.0 + 1000 * s / 6 for s in range(7)]
+    assert "Method: SLD" in out.parameters[0] and "Safety: medium" not in out.parameters[0]
+
+
+def test_method_conflicts_and_the_deprecated_function(pipe):
+    with pytest.raises(ValueError, match="method= replaces safety=, edits= and guidance="):
+        pipe(PROMPT_TEXT, method=methods.CFG(), safety="strong", **KW)
+    with pytest.raises(TypeError, match="method must have conditions"):
+        pipe(PROMPT_TEXT, method=lambda eps: eps, **KW)
+    with pytest.warns(DeprecationWarning, match="guidance= is deprecated"):
+        with pytest.raises(ValueError, match=r"s_S = 1.0 <= 1 turns SLD off"):
+            pipe(PROMPT_TEXT, safety=dataclasses.replace(NUDITY, scale=1.0), guidance=G.sld_guidance, **KW)
+    with pytest.warns(DeprecationWarning):
+        via_function = pipe(PROMPT_TEXT, safety=NUDITY, guidance=G.sld_guidance, **KW)
+    default = pipe(PROMPT_TEXT, safety=NUDITY, **KW)
+    assert torch.equal(via_function.latents, default.latents)
+
+
+def test_presets_come_from_one_registry():
+    assert list(methods.PRESETS) == ["off", "weak", "medium", "strong", "max"]
+    assert isinstance(methods.preset("off")(7.5), methods.CFG) and not isinstance(methods.preset("off")(), methods.SLD)
+    strong = methods.preset("Strong")(5.0, "violence")
+    assert strong.safety == [dataclasses.replace(G.PRESETS["strong"], concept="violence")]
+    assert strong.guidance_scale == 5.0
+    with pytest.raises(ValueError, match="unknown safety preset 'extreme'"):
+        methods.preset("extreme")
+
+
+def test_the_branch_skip_rule_lives_with_sld():
+    weak = methods.SLD(G.PRESETS["weak"])  # s_m = 0, δ = 15: no safety branch before step 15
+    assert weak.conditions(14, 50, 301) == [UNCOND, PROMPT]
+    assert weak.conditions(15, 50, 281) == [UNCOND, PROMPT, concept(G.DEFAULT_CONCEPT)]
+    assert methods.SLD(G.PRESETS["medium"]).conditions(0, 50, 981)[2:] == [concept(G.DEFAULT_CONCEPT)]
+    assert methods.SLD(G.PRESETS["max"], guidance_scale=1.0).conditions(0, 50, 981) == [PROMPT]  # CFG off
+
+
+# ---------------------------------------------------------------- callbacks
+
+def test_a_callback_can_stop_sampling(pipe):
+    seen = []
+
+    def stop_at_2(info):
+        seen.append(info.step)
+        return STOP if info.step == 2 else None
+
+    stopped = pipe(PROMPT_TEXT, safety="strong", callback=stop_at_2, **KW)
+    assert seen == [0, 1, 2] and stopped.images.shape == (1, 32, 32, 3)
+    full = []
+    pipe(PROMPT_TEXT, safety="strong", callback=full.append, **KW)
+    assert torch.equal(stopped.latents, full[2].next_latents)  # decoded what it had after step 2
+
+
+def test_a_callback_can_replace_the_latents(pipe):
+    seen = []
+
+    def replace(info):
+        seen.append(info)
+        return torch.zeros_like(info.next_latents) if info.step == 3 else None
+
+    pipe(PROMPT_TEXT, safety="strong", callback=replace, scheduler="ddim", **KW)
+    assert torch.equal(seen[4].latents, torch.zeros_like(seen[4].latents))
+    with pytest.raises(ValueError, match="a callback returns None, STOP or latents of shape"):
+        pipe(PROMPT_TEXT, callback=lambda info: torch.zeros(1), **KW)
+
+
+def test_step_info_fields_and_float_timesteps(pipe):
+    seen = []
+    pipe(PROMPT_TEXT, safety="medium", scheduler="euler", callback=seen.append, **KW)
+    assert [i.step for i in seen] == list(range(6)) and {i.num_steps for i in seen} == {6}
+    assert all(isinstance(i.timestep, float) for i in seen)  # Euler's timesteps are not integers
+    info = seen[0]
+    assert list(info.branches) == [UNCOND, PROMPT, concept(G.DEFAULT_CONCEPT)]
+    assert info.cfg_norm == pytest.approx((7.5 * (info.branches[PROMPT] - info.branches[UNCOND])).norm().item())
+    assert info.safety_norm == pytest.approx((7.5 * info.terms["gamma"][0]).norm().item())
+    assert info.sld_active == (info.mu > 0).float().mean().item()
+
+
+def test_a_sampler_object_is_used_as_is_and_only_fresh(pipe):
+    sampler = schedulers.from_config(pipe.scheduler_config, "dpmpp2m", 4)
+    by_object = pipe(PROMPT_TEXT, safety="strong", scheduler=sampler, **KW)  # its 4 steps win over KW's 6
+    by_name = pipe(PROMPT_TEXT, safety="strong", scheduler="dpmpp2m", **(KW | dict(num_inference_steps=4)))
+    assert torch.equal(by_object.latents, by_name.latents) and "Steps: 4, " in by_object.parameters[0]
+    with pytest.raises(ValueError, match="already taken 4 steps; pass a fresh one"):
+        pipe(PROMPT_TEXT, scheduler=sampler, **KW)
