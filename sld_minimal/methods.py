@@ -19,7 +19,7 @@ bits of the reference pipelines (diffusers' StableDiffusionPipelineSafe and Sema
 """
 import dataclasses
 
-from . import guidance as G
+from .guidance import PRESETS as SAFETY_PRESETS, Edit, SafetyConfig, cfg_guidance, multi_sld_guidance, sega_terms
 
 UNCOND, PROMPT = "uncond", "prompt"
 
@@ -60,7 +60,7 @@ class CFG:
     def __call__(self, eps, step, num_steps, t):
         if not self.cfg_on:
             return eps[PROMPT], {}
-        return G.cfg_guidance(eps[UNCOND], eps[PROMPT], self.guidance_scale), {}
+        return cfg_guidance(eps[UNCOND], eps[PROMPT], self.guidance_scale), {}
 
     def describe(self) -> str:
         return f"CFG (s_g {self.guidance_scale})"
@@ -76,8 +76,8 @@ class SLD(CFG):
 
     def __init__(self, safety, guidance_scale: float = 7.5):
         super().__init__(guidance_scale)
-        configs = [safety] if isinstance(safety, G.SafetyConfig) else list(safety)
-        if not all(isinstance(c, G.SafetyConfig) for c in configs):
+        configs = [safety] if isinstance(safety, SafetyConfig) else list(safety)
+        if not all(isinstance(c, SafetyConfig) for c in configs):
             raise TypeError("safety must be a SafetyConfig or a list of SafetyConfigs")
         self.safety = [c for c in configs if c.enabled]
         self.reset()
@@ -101,7 +101,7 @@ class SLD(CFG):
         if not active:
             return super().__call__(eps, step, num_steps, t)
         configs = [self.safety[i] for i in active]
-        eps_hat, momenta, gammas, mus = G.multi_sld_guidance(
+        eps_hat, momenta, gammas, mus = multi_sld_guidance(
             eps[UNCOND], eps[PROMPT], [eps[concept(c.concept)] for c in configs], self.guidance_scale, configs,
             step, [self.momenta[i] for i in active])
         terms = {"safety": self.safety, "mu": [None] * len(self.safety), "gamma": [None] * len(self.safety)}
@@ -122,7 +122,7 @@ class SEGA(CFG):
     def __init__(self, edits, guidance_scale: float = 7.5, momentum_scale: float = 0.1, momentum_beta: float = 0.4):
         super().__init__(guidance_scale)
         self.edits = list(edits)
-        if not all(isinstance(e, G.Edit) for e in self.edits):
+        if not all(isinstance(e, Edit) for e in self.edits):
             raise TypeError("edits must be guidance.Edit objects")
         self.momentum_scale, self.momentum_beta = momentum_scale, momentum_beta
         self.reset()
@@ -136,7 +136,7 @@ class SEGA(CFG):
 
     def term(self, eps, step):
         """γ̂ and the terms, updating the momentum."""
-        term, self.momentum, directions = G.sega_terms(
+        term, self.momentum, directions = sega_terms(
             eps[UNCOND], [eps[concept(e.concept)] for e in self.edits], self.edits, step, self.momentum,
             self.momentum_scale, self.momentum_beta)
         return term, {"edits": self.edits, "edit_directions": directions, "edit_term": term,
@@ -189,7 +189,7 @@ class FunctionSLD(SLD):
     s_g, safety, step, ν) -> (ε̂, ν): what the deprecated `pipe(..., guidance=fn)` runs. The safety branch is
     computed at every step (the function may use it anywhere)."""
 
-    def __init__(self, fn, safety: G.SafetyConfig, guidance_scale: float = 7.5):
+    def __init__(self, fn, safety: SafetyConfig, guidance_scale: float = 7.5):
         super().__init__(safety, guidance_scale)
         self.fn = fn
 
@@ -239,7 +239,7 @@ def _with_concept(config, text):
 # The preset registry: name -> factory(guidance_scale, concept_text=None) -> method. The CLI's --safety choices,
 # validation and image metadata read it; a new preset is one line here.
 PRESETS = {"off": lambda guidance_scale=7.5, concept_text=None: CFG(guidance_scale),
-           **{name: _sld_preset(config) for name, config in G.PRESETS.items()}}
+           **{name: _sld_preset(config) for name, config in SAFETY_PRESETS.items()}}
 
 
 def preset(name: str):
