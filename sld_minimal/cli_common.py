@@ -33,4 +33,6 @@ def pick_dtype(name: str, device: str):
 
     if name == "auto":
         name = "fp32" if device == "cpu" else "fp16"
+    if name == "fp16" and str(device).split(":")[0] == "cpu":  # refused before any weights are read
+        raise UsageError("fp16 is not accelerated on the CPU: use --dtype bf16 or fp32")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]

@@ -86,7 +86,10 @@ class StableDiffusion:
         `.safetensors` file in the original CompVis layout. `configs` ({"unet": UNetConfig(…), …}) and `tokenizer`
         (a folder) replace the model's; `ema` loads a single file's EMA UNet. See `loading.load_model`.
         `vae_dtype`: the VAE's own dtype, e.g. torch.float32 with dtype=torch.float16 (the SD 1.x VAE can overflow
-        in fp16; its weights are then the fp16 ones, cast up, as diffusers' `upcast_vae` does)."""
+        in fp16; its weights are then the fp16 ones, cast up, as diffusers' `upcast_vae` does).
+        fp16 on the CPU (dtype or vae_dtype) is refused before anything is read: PyTorch has no fast CPU fp16 path."""
+        if torch.device(device).type == "cpu" and torch.float16 in (dtype, vae_dtype):
+            raise ValueError("fp16 is not accelerated on the CPU: use --dtype bf16 or fp32")
         tok, parts, scheduler_config = load_model(path, device, dtype, configs, tokenizer, ema)
         if vae_dtype is not None:
             parts[2] = parts[2].to(vae_dtype)
