@@ -208,23 +208,26 @@ class FunctionSLD(SLD):
         return f"{getattr(self.fn, '__name__', 'a function')} in place of SLD ({super().describe()})"
 
 
-def build(safety=None, edits=(), guidance_scale=7.5, edit_momentum_scale=0.1, edit_momentum_beta=0.4):
-    """The method for the pipeline's `safety=` (None/"off", a preset name, a SafetyConfig or a list of them) and
-    `edits=` (SEGA Edits)."""
+def safety_configs(safety) -> list:
+    """The SafetyConfigs that `safety=` names: None or "off" → [], a preset name → its config (names from `PRESETS`),
+    a SafetyConfig or a list of them as given (disabled ones included: `SLD` drops those)."""
     if isinstance(safety, str):
-        base = preset(safety)(guidance_scale)
-    elif safety is None:
-        base = CFG(guidance_scale)
-    else:
-        base = SLD(safety, guidance_scale)
+        key = safety.strip().lower()
+        preset(key)  # a registered name, or the error that lists them
+        return [] if key == "off" else [SAFETY_PRESETS[key]]
+    configs = [] if safety is None else list(safety) if isinstance(safety, (list, tuple)) else [safety]
+    if not all(isinstance(c, SafetyConfig) for c in configs):
+        raise TypeError(f"safety must be a preset name, a SafetyConfig, a list of them or None, not {safety!r}")
+    return configs
+
+
+def build(safety=None, edits=(), guidance_scale=7.5, edit_momentum_scale=0.1, edit_momentum_beta=0.4):
+    """The method for the pipeline's `safety=` (see `safety_configs`) and `edits=` (SEGA Edits)."""
+    sld = SLD(safety_configs(safety), guidance_scale)
     if not edits:
-        return base
+        return sld if sld.safety else CFG(guidance_scale)
     sega = SEGA(edits, guidance_scale, edit_momentum_scale, edit_momentum_beta)
-    if isinstance(base, SLD) and base.safety:
-        return SLDWithSEGA(base, sega)
-    if type(base) is CFG or isinstance(base, SLD):  # SLD with no enabled config adds nothing
-        return sega
-    raise ValueError(f"edits= cannot be combined with the {safety!r} preset")
+    return SLDWithSEGA(sld, sega) if sld.safety else sega  # SLD with no enabled config adds nothing
 
 
 def _sld_preset(config):

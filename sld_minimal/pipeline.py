@@ -20,7 +20,7 @@ import torch
 from . import methods, schedulers
 from ._version import __version__
 from .clip import tokenize
-from .guidance import PRESETS as SAFETY_PRESETS, Edit, SafetyConfig
+from .guidance import PRESETS as SAFETY_PRESETS, Edit
 from .loading import load_model
 from .methods import PROMPT, UNCOND
 from .sampling import STOP, StepInfo, initial_latents, sample  # noqa: F401  (the loop's names, here too)
@@ -197,13 +197,7 @@ class StableDiffusion:
                 raise TypeError("method must have conditions(step, num_steps, t) and __call__(eps, step, num_steps, "
                                 "t) -> (eps, terms); see sld_minimal/methods.py")
             return method, None
-        safety = "medium" if safety is DEFAULT_SAFETY else safety
-        if isinstance(safety, str):
-            methods.preset(safety)  # validates the name
-            safety = None if safety.strip().lower() == "off" else SafetyConfig.preset(safety)
-        configs = ([] if safety is None else [safety] if isinstance(safety, SafetyConfig) else list(safety))
-        if not all(isinstance(c, SafetyConfig) for c in configs):
-            raise TypeError(f"safety must be a preset name, a SafetyConfig, a list of them or None, not {safety!r}")
+        configs = methods.safety_configs("medium" if safety is DEFAULT_SAFETY else safety)
         if not all(isinstance(e, Edit) for e in edits):
             raise TypeError("edits must be guidance.Edit objects")
         if configs and guidance_scale <= 1.0:

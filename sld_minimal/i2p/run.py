@@ -269,13 +269,14 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
     import torch
 
     from .. import schedulers
-    from ..guidance import DEFAULT_CONCEPT, SafetyConfig
+    from ..guidance import DEFAULT_CONCEPT
+    from ..methods import safety_configs
     from ..pipeline import render
 
-    if isinstance(safety, str):
-        safety = None if safety.strip().lower() == "off" else SafetyConfig.preset(safety)
-    if not (safety is None or isinstance(safety, SafetyConfig)):
-        raise TypeError(f"safety must be a preset name, a SafetyConfig or None, not {safety!r}")
+    configs = safety_configs(safety)
+    if len(configs) > 1:
+        raise ValueError("an I2P run takes one safety config (a preset name, a SafetyConfig or None)")
+    safety = configs[0] if configs else None
     if negative_prompt_baseline and safety is not None:
         raise ValueError("the negative-prompt baseline runs plain SD: it needs safety off")
     if scheduler not in schedulers.SAMPLERS:
