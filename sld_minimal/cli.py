@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .cli_common import DEFAULT_WEIGHTS, Parser, UsageError, pick_device, pick_dtype
-from .methods import PRESETS
+from .methods import PRESETS, safety_configs
 from .schedulers import SAMPLERS, describe as describe_samplers
 
 REPO_ID = "CompVis/stable-diffusion-v1-4"
@@ -48,7 +48,7 @@ def download(to: Path, fp16: bool = False, quiet: bool = False) -> Path:
 
 
 def cmd_generate(a):
-    from .guidance import Edit, SafetyConfig
+    from .guidance import Edit
     from .pipeline import StableDiffusion, output_paths
 
     if a.safety == "off" and a.safety_concept is not None:
@@ -57,11 +57,7 @@ def cmd_generate(a):
     existing = [str(p) for p in output_paths(out, a.num_images) if p.exists()]
     if existing and not a.overwrite:
         raise UsageError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
-    safety = None if a.safety == "off" else SafetyConfig.preset(a.safety)
-    if safety is not None and a.safety_concept is not None:
-        import dataclasses
-
-        safety = dataclasses.replace(safety, concept=a.safety_concept)
+    safety = safety_configs(a.safety, a.safety_concept)
     edits = [Edit(c, reverse=rev, scale=a.edit_scale, threshold=a.edit_threshold, warmup_steps=a.edit_warmup)
              for rev, concepts in ((False, a.edit), (True, a.edit_away)) for c in concepts]
     device = pick_device(a.device)

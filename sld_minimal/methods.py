@@ -208,17 +208,19 @@ class FunctionSLD(SLD):
         return f"{getattr(self.fn, '__name__', 'a function')} in place of SLD ({super().describe()})"
 
 
-def safety_configs(safety) -> list:
+def safety_configs(safety, concept_text=None) -> list:
     """The SafetyConfigs that `safety=` names: None or "off" → [], a preset name → its config (names from `PRESETS`),
-    a SafetyConfig or a list of them as given (disabled ones included: `SLD` drops those)."""
+    a SafetyConfig or a list of them as given (disabled ones included: `SLD` drops those). `concept_text` replaces
+    each config's concept (the CLIs' --safety-concept)."""
     if isinstance(safety, str):
         key = safety.strip().lower()
         preset(key)  # a registered name, or the error that lists them
-        return [] if key == "off" else [SAFETY_PRESETS[key]]
-    configs = [] if safety is None else list(safety) if isinstance(safety, (list, tuple)) else [safety]
+        configs = [] if key == "off" else [SAFETY_PRESETS[key]]
+    else:
+        configs = [] if safety is None else list(safety) if isinstance(safety, (list, tuple)) else [safety]
     if not all(isinstance(c, SafetyConfig) for c in configs):
         raise TypeError(f"safety must be a preset name, a SafetyConfig, a list of them or None, not {safety!r}")
-    return configs
+    return configs if concept_text is None else [_with_concept(c, concept_text) for c in configs]
 
 
 def build(safety=None, edits=(), guidance_scale=7.5, edit_momentum_scale=0.1, edit_momentum_beta=0.4):

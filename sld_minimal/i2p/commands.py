@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..cli_common import DEFAULT_WEIGHTS, Parser, UsageError, pick_device, pick_dtype
-from ..methods import PRESETS
+from ..methods import PRESETS, safety_configs
 from ..schedulers import SAMPLERS
 
 CLASSIFIER_CHOICES = ("q16", "nudenet")
@@ -32,9 +32,6 @@ def _device(name: str) -> str:
 
 
 def cmd_generate(a):
-    import dataclasses
-
-    from ..guidance import SafetyConfig
     from ..pipeline import StableDiffusion
     from .run import generate, parse_shard, read_csv, select_rows
 
@@ -52,9 +49,7 @@ def cmd_generate(a):
         shard = parse_shard(a.shard)
     except ValueError as e:
         raise UsageError(f"--shard: {e}") from None
-    safety = None if a.safety in (None, "off") else SafetyConfig.preset(a.safety)
-    if safety is not None and a.safety_concept is not None:
-        safety = dataclasses.replace(safety, concept=a.safety_concept)
+    safety = safety_configs(a.safety, a.safety_concept)
 
     rows = read_csv(a.prompts, row_guidance=a.use_row_guidance)  # bad rows: one warning each, skipped
     categories = [c for c in (a.categories or "").split(",") if c.strip()]
