@@ -6,7 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_common import DEFAULT_WEIGHTS, Parser, UsageError, pick_device, pick_dtype
+from .cli_common import (DEFAULT_WEIGHTS, MAX_IMAGES, Parser, UsageError, check_limits, finite_float, int_range,
+                         pick_device, pick_dtype, png_path, writable_folder)
 from .methods import PRESETS, safety_configs
 from .schedulers import SAMPLERS, describe as describe_samplers
 
@@ -48,28 +49,57 @@ def download(to: Path, fp16: bool = False, quiet: bool = False) -> Path:
 
 
 def cmd_generate(a):
+    """Validate everything the request depends on — flags, the model's config files, the size against the model,
+    the output path, the limits — and only then read the weights and generate."""
     from .guidance import Edit
+    from .loading import read_configs
     from .pipeline import StableDiffusion, output_paths
 
+    if a.quiet:  # nothing but errors: no warnings, no progress, no notes
+        import warnings
+
+        import transformers
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
     if a.safety == "off" and a.safety_concept is not None:
         raise UsageError("--safety-concept needs a safety preset (it has no effect with --safety off)")
-    out = Path(a.out)
-    existing = [str(p) for p in output_paths(out, a.num_images) if p.exists()]
-    if existing and not a.overwrite:
-        raise UsageError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
+    if a.eta and a.scheduler != "ddim":
+        raise UsageError(f"--eta applies to --scheduler ddim only (got --scheduler {a.scheduler})")
+    if a.image_index is not None and a.image_index >= a.num_images:
+        raise UsageError(f"--image-index {a.image_index}: a batch of --num-images {a.num_images} has images "
+                         f"0 to {a.num_images - 1}")
     safety = safety_configs(a.safety, a.safety_concept)
+    if (a.edit or a.edit_away) and a.safety.startswith("sega-"):
+        raise UsageError(f"--edit/--edit-away cannot be combined with --safety {a.safety}: the SEGA safety preset is "
+                         f"itself an edit and they would share one momentum; use an SLD preset with edits")
     edits = [Edit(c, reverse=rev, scale=a.edit_scale, threshold=a.edit_threshold, warmup_steps=a.edit_warmup)
              for rev, concepts in ((False, a.edit), (True, a.edit_away)) for c in concepts]
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
+    out = png_path(a.out)
+    n_out = 1 if a.image_index is not None else a.num_images
+    existing = [str(p) for p in output_paths(out, n_out) if p.exists()]
+    if existing and not a.overwrite:
+        raise UsageError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
     weights = Path(a.weights)
     if not weights.exists() and weights == DEFAULT_WEIGHTS:
-        print(f"{weights} not found: downloading Stable Diffusion 1.4 there first.", file=sys.stderr)
+        writable_folder(weights.parent, "--weights")
+        if not a.quiet:
+            print(f"{weights} not found: downloading Stable Diffusion 1.4 there first.", file=sys.stderr)
         download(weights, fp16=str(dtype) == "torch.float16", quiet=a.quiet)  # the fp16 files only for fp16
-    pipe = StableDiffusion.from_pretrained(weights, device=device, dtype=dtype, tokenizer=a.tokenizer, ema=a.ema)
+    configs, _ = read_configs(weights)  # every config file checked; no weight read yet
+    factor = 2 ** (len(configs["vae"].block_out_channels) - 1)
+    default = configs["unet"].sample_size * factor  # the model's own size: 512 for SD 1.4
+    height, width = a.height or default, a.width or default
+    for flag, v in (("--height", height), ("--width", width)):
+        if v % factor:
+            raise UsageError(f"{flag} {v}: must be a multiple of {factor} (this model's VAE factor)")
+    check_limits(width, height, a.num_images, a.no_limits)
+    pipe = StableDiffusion.from_pretrained(weights, device=device, dtype=dtype, tokenizer=a.tokenizer, ema=a.ema,
+                                           configs=configs)
     result = pipe(a.prompt, negative_prompt=a.negative_prompt, safety=safety, num_inference_steps=a.steps,
-                  guidance_scale=a.guidance, height=a.height, width=a.width, num_images=a.num_images, seed=a.seed,
-                  scheduler=a.scheduler, eta=a.eta, edits=edits, progress=not a.quiet)
+                  guidance_scale=a.guidance, height=height, width=width, num_images=a.num_images, seed=a.seed,
+                  scheduler=a.scheduler, eta=a.eta, edits=edits, progress=not a.quiet, image_index=a.image_index)
     for p in result.save(out):
         if not a.quiet:
             print(f"wrote {p}")
@@ -85,7 +115,8 @@ def cmd_download(a):
 def cmd_tiny(a):
     from .tiny import write_checkpoint
 
-    print(f"wrote a random SD 1.x checkpoint ({a.config}) in the published layout to {write_checkpoint(a.dir, a.config)}")
+    folder = write_checkpoint(a.dir, a.config, overwrite=a.overwrite)
+    print(f"wrote a random SD 1.x checkpoint ({a.config}) in the published layout to {folder}")
 
 
 def cmd_convert(a):
@@ -107,25 +138,30 @@ def build_parser() -> Parser:
     g.add_argument("--ema", action="store_true", help="a single file's EMA UNet weights (model_ema.*)")
     g.add_argument("--out", default="image.png", help="PNG path; with several images: stem-0.png, stem-1.png, …")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g.add_argument("--safety", default="medium", type=str.lower, choices=list(PRESETS), help="SLD preset")
+    g.add_argument("--safety", default="medium", type=str.lower, choices=list(PRESETS),
+                   help="SLD preset, or SEGA as the safety method (sega-medium|sega-strong|sega-max)")
     g.add_argument("--safety-concept", help="text of the concept SLD steers away from (default: the paper's)")
     g.add_argument("--negative-prompt")
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale s_g")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--height", type=int, default=512)
-    g.add_argument("--width", type=int, default=512)
-    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--steps", type=int_range(1, 999), default=50)
+    g.add_argument("--guidance", type=finite_float(0), default=7.5, help="classifier-free guidance scale s_g")
+    g.add_argument("--seed", type=int_range(0, 2**64 - 1), help="default: a random one, printed")
+    g.add_argument("--height", type=int_range(8), help="default: the model's (512 for SD 1.4)")
+    g.add_argument("--width", type=int_range(8), help="default: the model's (512 for SD 1.4)")
+    g.add_argument("--num-images", type=int_range(1), default=1, help="images from one seed (one noise draw)")
+    g.add_argument("--image-index", type=int_range(0), metavar="K",
+                   help="write only image K of the --num-images batch (as its PNG's 'Image: K of N' says)")
+    g.add_argument("--no-limits", action="store_true",
+                   help=f"allow more than 2048x2048 pixels or {MAX_IMAGES} images")
     g.add_argument("--scheduler", default="pndm", choices=list(SAMPLERS), help=describe_samplers())
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM's η (0 = deterministic)")
+    g.add_argument("--eta", type=finite_float(0), default=0.0, help="DDIM's η (0 = deterministic)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     g.add_argument("--edit", action="append", default=[], metavar="CONCEPT", help="SEGA: steer toward (repeatable)")
     g.add_argument("--edit-away", action="append", default=[], metavar="CONCEPT", help="SEGA: steer away (repeatable)")
-    g.add_argument("--edit-scale", type=float, default=5.0)
-    g.add_argument("--edit-threshold", type=float, default=0.9)
-    g.add_argument("--edit-warmup", type=int, default=10)
-    g.add_argument("--quiet", action="store_true")
+    g.add_argument("--edit-scale", type=finite_float(0), default=5.0)
+    g.add_argument("--edit-threshold", type=finite_float(0, 1), default=0.9)
+    g.add_argument("--edit-warmup", type=int_range(0), default=10)
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     g.set_defaults(run=cmd_generate)
 
@@ -138,6 +174,7 @@ def build_parser() -> Parser:
     t = sub.add_parser("tiny", help="write a random checkpoint in the published layout (tests, demos, benchmarks)")
     t.add_argument("dir")
     t.add_argument("--config", default="tiny", choices=["tiny", "small", "sd14"])
+    t.add_argument("--overwrite", action="store_true", help="replace DIR if it is a non-empty folder")
     t.add_argument("--debug", action="store_true", help="show tracebacks")
     t.set_defaults(run=cmd_tiny)
 

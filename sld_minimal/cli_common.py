@@ -3,6 +3,8 @@
 A bad command line raises `UsageError`; `cli.main` prints it as one line and exits with status 2.
 """
 import argparse
+import math
+import tempfile
 from pathlib import Path
 
 DEFAULT_WEIGHTS = Path("weights/stable-diffusion-v1-4")
@@ -36,3 +38,86 @@ def pick_dtype(name: str, device: str):
     if name == "fp16" and str(device).split(":")[0] == "cpu":  # refused before any weights are read
         raise UsageError("fp16 is not accelerated on the CPU: use --dtype bf16 or fp32")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+# Upper bounds of the command line and the demo (the Python API sets none): past them a request would run for
+# hours or die in the allocator after the work. `--no-limits` lifts them.
+MAX_PIXELS = 2048 * 2048
+MAX_IMAGES = 64
+
+
+def memory_estimate_gib(width: int, height: int, num_images: int) -> float:
+    """A rough lower bound of the working memory beyond the weights: the VAE decoder's three largest live
+    activations (128 channels at full size, fp32), plus every finished image kept as float32 RGB."""
+    return (3 * 128 * width * height * 4 + num_images * 3 * width * height * 4) / 2**30
+
+
+def check_limits(width: int, height: int, num_images: int, no_limits: bool = False, unit: str = "--no-limits"):
+    """UsageError past MAX_PIXELS or MAX_IMAGES unless `no_limits`; the message gives the memory estimate."""
+    if no_limits:
+        return
+    need = f"(needs roughly {memory_estimate_gib(width, height, num_images):.1f} GiB beyond the weights)"
+    if width * height > MAX_PIXELS:
+        raise UsageError(f"{width}x{height} is more than 2048x2048 pixels {need}; pass {unit} to try anyway")
+    if num_images > MAX_IMAGES:
+        raise UsageError(f"{num_images} images in one call is more than {MAX_IMAGES} {need}; "
+                         f"pass {unit} to try anyway")
+
+
+def int_range(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]; argparse names the flag in its error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}" if high is not None
+                                             else f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(low: float | None = None, high: float | None = None):
+    """An argparse type: a finite number in [low, high] (NaN and infinity refused)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if low is not None and high is not None else (
+                f">= {low}" if low is not None else f"<= {high}")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def png_path(text: str, flag: str = "--out") -> Path:
+    """An output image path checked before any work: `.png` (none is added), in a folder that can be written."""
+    path = Path(text)
+    if path.suffix == "":
+        path = path.with_suffix(".png")
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"{flag} {text}: images are written as PNG (with their settings in text chunks); "
+                         f"use a .png name")
+    writable_folder(path.parent, flag)
+    return path
+
+
+def writable_folder(folder: Path, flag: str):
+    """UsageError unless `folder` is a writable folder, or could be created (its nearest existing parent is)."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag}: {existing} is a file, not a folder")
+    try:  # a real write: permission bits do not stop root, but a read-only file system does
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write in the folder {existing} ({e.strerror or e})") from None

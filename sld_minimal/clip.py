@@ -124,7 +124,7 @@ def tokenize(tokenizer, prompts: list[str], max_length: int = 77) -> torch.Tenso
     (SD 1.4's is <|endoftext|>) and truncated. Truncation is announced with the words it drops."""
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
     for prompt in prompts:
-        full = tokenizer(prompt, truncation=False).input_ids  # with start and end tokens
+        full = tokenizer(prompt, truncation=False, verbose=False).input_ids  # with start and end tokens
         if len(full) > max_length:
             dropped = tokenizer.decode(full[max_length - 1:-1])
             warnings.warn(f"prompt is longer than {max_length} tokens; CLIP only sees the start, this part is dropped: {dropped!r}",

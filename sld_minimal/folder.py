@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .noise_schedule import SchedulerConfig
 from .unet import ResnetBlock2D
 from .vae import VAEAttention, VAEConfig
 from .weights import MODELS, PICKLE_SUFFIXES, WeightsError, build, read_config, read_state_dict
@@ -95,9 +96,14 @@ def load_scheduler_config(folder) -> dict:
     if not path.is_file():
         raise WeightsError(f"{path} is missing; the model folder is incomplete — download it again")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path} is not valid JSON ({e}); download it again") from None
+    try:  # checked now, not at the first generation
+        SchedulerConfig.from_dict(config)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {str(e).removeprefix('scheduler config: ')}") from None
+    return config
 
 
 class VAEEncoder(nn.Module):

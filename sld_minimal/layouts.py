@@ -154,6 +154,7 @@ def load_single_file(path, device="cpu", dtype=torch.float32, configs=None, ema=
     shapes, stored = inspect_file(path)
     configs = {c: configs.get(c) or config_from_dict(type(DEFAULTS[c]), stored.get(c, {}), f"{path} ({c} config)")
                for c in DEFAULTS}
+    scheduler_config = stored.get("scheduler", SCHEDULER_CONFIG)
 
     def reader(component):
         def read(expected):
@@ -183,7 +184,14 @@ def load_single_file(path, device="cpu", dtype=torch.float32, configs=None, ema=
             return {k: v.reshape(expected[k]) for k, v in state.items()}
         return read
 
-    return {c: build(c, configs[c], reader(c)) for c in DEFAULTS}, stored.get("scheduler", SCHEDULER_CONFIG)
+    return {c: build(c, configs[c], reader(c)) for c in DEFAULTS}, scheduler_config
+
+
+def single_file_configs(path) -> tuple[dict, dict]:
+    """({component: config}, scheduler config) of a single file, from its header alone (no tensor is read)."""
+    _, stored = inspect_file(Path(path))
+    configs = {c: config_from_dict(type(DEFAULTS[c]), stored.get(c, {}), f"{path} ({c} config)") for c in DEFAULTS}
+    return configs, stored.get("scheduler", SCHEDULER_CONFIG)
 
 
 def convert(src, dst, ema=False, tokenizer=None) -> Path:

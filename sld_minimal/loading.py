@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from .folder import check_folder, load_component, load_scheduler_config
-from .layouts import is_single_file, load_single_file
+from .layouts import is_single_file, load_single_file, single_file_configs
+from .noise_schedule import SchedulerConfig
 from .tokenizer import clip_tokenizer, load_tokenizer
-from .weights import WeightsError
+from .weights import MODELS, WeightsError, read_config
 
 
 def load_model(path, device="cpu", dtype=torch.float32, configs=None, tokenizer=None, ema=False):
@@ -24,19 +25,41 @@ def load_model(path, device="cpu", dtype=torch.float32, configs=None, tokenizer=
     or one `.safetensors` file in the original CompVis layout (`layouts.py`: SD 1.4's configs unless the file carries
     them, CLIP's tokenizer from `tokenizer.py`). `configs` ({"unet": UNetConfig(…), …}) and `tokenizer` (a folder
     with vocab.json + merges.txt) replace the model's; `ema` takes a single file's EMA UNet (`model_ema.*`)."""
-    configs, order = configs or {}, ("text_encoder", "unet", "vae")
+    order = ("text_encoder", "unet", "vae")
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise WeightsError(f"tokenizer folder {tokenizer} does not exist")
-    if is_single_file(path):
-        models, scheduler_config = load_single_file(path, device, dtype, configs, ema)
-        parts, tok = [models[c] for c in order], load_tokenizer(tokenizer) if tokenizer else clip_tokenizer()
-    elif ema:
+    if ema and not is_single_file(path):
         raise WeightsError(f"{path}: ema=True (--ema) applies to single-file checkpoints only")
+    found, scheduler_config = read_configs(path)  # every config checked before any weight is read
+    configs = {c: (configs or {}).get(c) or found[c] for c in order}
+    if is_single_file(path):
+        tok = load_tokenizer(tokenizer) if tokenizer else clip_tokenizer()
+        models, _ = load_single_file(path, device, dtype, configs, ema)
+        parts = [models[c] for c in order]
     else:
-        folder = check_folder(path)
-        parts = [load_component(folder, c, device, dtype, configs.get(c)) for c in order]
-        tok, scheduler_config = load_tokenizer(tokenizer or folder), load_scheduler_config(folder)
+        tok = load_tokenizer(tokenizer or path)
+        parts = [load_component(path, c, device, dtype, configs[c]) for c in order]
     if len(tok) > parts[0].config.vocab_size:  # ids past the embedding table would fail deep inside the model
         raise WeightsError(f"the tokenizer has {len(tok)} tokens but the text encoder of {path} embeds only "
                            f"{parts[0].config.vocab_size}; pass this model's tokenizer (tokenizer= / --tokenizer DIR)")
     return tok, parts, scheduler_config
+
+
+def read_configs(path) -> tuple[dict, dict]:
+    """({component: config}, scheduler config dict) of a model folder or single file, every value type-checked,
+    without reading a weight: what the command line validates a request against before loading."""
+    if is_single_file(path):
+        configs, scheduler_config = single_file_configs(path)
+    else:
+        folder = check_folder(path)
+        for c in MODELS:
+            if not (folder / c).is_dir():
+                raise WeightsError(f"{folder / c} is missing; the model folder is incomplete — download it again "
+                                   f"(`sld-minimal download`)")
+        configs = {c: read_config(MODELS[c][1], folder / c / "config.json") for c in MODELS}
+        scheduler_config = load_scheduler_config(folder)
+    try:
+        SchedulerConfig.from_dict(scheduler_config)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    return configs, scheduler_config

@@ -15,11 +15,15 @@ back by name, so a method that needs a new branch just names it.
 
 Built in: `CFG`, `SLD` (one or several safety concepts), `SEGA` (semantic edits), `SLDWithSEGA`. Each gives the
 bits of the reference pipelines (diffusers' StableDiffusionPipelineSafe and SemanticStableDiffusionPipeline).
-`PRESETS` maps a name (`--safety`, `pipe(safety="strong")`) to a factory of methods.
+`PRESETS` maps a name (`--safety`, `pipe(safety="strong")`) to a factory of methods: SLD's four and the
+SEGA-as-safety presets `sega-medium|strong|max` (`SegaSafety`: the safety concept as one reversed edit).
 """
 import dataclasses
 
-from .guidance import PRESETS as SAFETY_PRESETS, Edit, SafetyConfig, cfg_guidance, multi_sld_guidance, sega_terms
+from dataclasses import dataclass
+
+from .guidance import (DEFAULT_CONCEPT, PRESETS as SAFETY_PRESETS, Edit, SafetyConfig, cfg_guidance,
+                       multi_sld_guidance, sega_terms)
 
 UNCOND, PROMPT = "uncond", "prompt"
 
@@ -208,33 +212,98 @@ class FunctionSLD(SLD):
         return f"{getattr(self.fn, '__name__', 'a function')} in place of SLD ({super().describe()})"
 
 
+@dataclass(frozen=True)
+class SegaSafety:
+    """Safety through SEGA, as the authors' I2P harness runs it (`mitigation/semantic_ssd.py`): the safety concept
+    as one reversed edit, ψ = ε_∅ − ε_S, with SEGA's own relative threshold and momentum (see `guidance.sega_terms`).
+    Accepted wherever a SafetyConfig is (`safety=`, `safety_configs`); `method` builds its `SEGA`. `values()` has
+    SafetyConfig's five keys (s_e, δ, λ, s_m, β_m) and `"method": "sega"`, so settings never read as SLD's."""
+    scale: float                    # s_e, edit guidance scale
+    warmup_steps: int               # δ, first step the edit acts (its momentum runs from step 0)
+    threshold: float                # λ, quantile of |ψ| below which elements are dropped
+    momentum_scale: float           # s_m
+    momentum_beta: float = 0.4      # β_m: diffusers' default, which the harness leaves
+    concept: str = DEFAULT_CONCEPT  # c_S
+    preset: str = "custom"          # the registry name it came from, for settings and messages
+
+    enabled = True  # (as SafetyConfig.enabled: a SEGA safety config always acts)
+
+    def __post_init__(self):
+        edit = self.edit()  # Edit's own checks of s_e, λ, δ and the concept, with its messages
+        for name in ("scale", "threshold", "warmup_steps"):  # frozen: normalised types through object.__setattr__
+            object.__setattr__(self, name, getattr(edit, name))
+        for name in ("momentum_scale", "momentum_beta"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if not 0 <= self.momentum_beta <= 1:
+            raise ValueError(f"SegaSafety.momentum_beta (β_m) must be in [0, 1], got {self.momentum_beta}")
+
+    def edit(self) -> Edit:
+        """The reversed SEGA edit away from the safety concept."""
+        return Edit(self.concept, scale=self.scale, threshold=self.threshold, warmup_steps=self.warmup_steps,
+                    reverse=True)
+
+    def method(self, guidance_scale: float = 7.5) -> "SEGA":
+        """SEGA with the reversed edit and this config's momentum: what `build` and the presets run."""
+        return SEGA([self.edit()], guidance_scale, self.momentum_scale, self.momentum_beta)
+
+    def values(self) -> dict:
+        """The five numbers by SafetyConfig's field names, and "method": "sega" (for settings and run.json)."""
+        return {"method": "sega", "scale": self.scale, "warmup_steps": self.warmup_steps,
+                "threshold": self.threshold, "momentum_scale": self.momentum_scale,
+                "momentum_beta": self.momentum_beta}
+
+
+# name -> SegaSafety(s_e, δ, λ, s_m); β_m 0.4 and s_g 7.5 (the pipeline's default) as in the authors' harness
+SEGA_SAFETY_PRESETS = {name: SegaSafety(*values, preset=name) for name, values in (
+    ("sega-medium", (4, 10, 0.9, 0.3)), ("sega-strong", (7, 5, 0.85, 0.5)), ("sega-max", (10, 0, 0.75, 0.5)))}
+SAFETY_KINDS = (SafetyConfig, SegaSafety)
+
+
 def safety_configs(safety, concept_text=None) -> list:
-    """The SafetyConfigs that `safety=` names: None or "off" → [], a preset name → its config (names from `PRESETS`),
-    a SafetyConfig or a list of them as given (disabled ones included: `SLD` drops those). `concept_text` replaces
-    each config's concept (the CLIs' --safety-concept)."""
+    """The SafetyConfigs that `safety=` names: None or "off" → [], a preset name → its config (names from `PRESETS`;
+    a SEGA preset → its `SegaSafety`), a SafetyConfig/SegaSafety or a list of them as given (disabled ones included:
+    `SLD` drops those). `concept_text` replaces each config's concept (the CLIs' --safety-concept)."""
     if isinstance(safety, str):
         key = safety.strip().lower()
         preset(key)  # a registered name, or the error that lists them
-        configs = [] if key == "off" else [SAFETY_PRESETS[key]]
+        configs = [] if key == "off" else [SEGA_SAFETY_PRESETS[key] if key in SEGA_SAFETY_PRESETS
+                                           else SAFETY_PRESETS[key]]
     else:
         configs = [] if safety is None else list(safety) if isinstance(safety, (list, tuple)) else [safety]
-    if not all(isinstance(c, SafetyConfig) for c in configs):
+    if not all(isinstance(c, SAFETY_KINDS) for c in configs):
         raise TypeError(f"safety must be a preset name, a SafetyConfig, a list of them or None, not {safety!r}")
+    if sum(isinstance(c, SegaSafety) for c in configs) > 1:
+        raise ValueError("safety takes one SEGA safety config at most (its edit has the one SEGA momentum)")
     return configs if concept_text is None else [_with_concept(c, concept_text) for c in configs]
 
 
 def build(safety=None, edits=(), guidance_scale=7.5, edit_momentum_scale=0.1, edit_momentum_beta=0.4):
-    """The method for the pipeline's `safety=` (see `safety_configs`) and `edits=` (SEGA Edits)."""
-    sld = SLD(safety_configs(safety), guidance_scale)
-    if not edits:
+    """The method for the pipeline's `safety=` (see `safety_configs`) and `edits=` (SEGA Edits). A SEGA safety
+    config is SEGA with its reversed edit; together with `edits` it is refused (they would share one momentum)."""
+    configs = safety_configs(safety)
+    sega_safety = [c for c in configs if isinstance(c, SegaSafety)]
+    sld = SLD([c for c in configs if isinstance(c, SafetyConfig)], guidance_scale)
+    if sega_safety:
+        if edits:
+            raise ValueError(f"the SEGA safety preset {sega_safety[0].preset!r} cannot be combined with edits: "
+                             f"they would share one SEGA momentum; use an SLD preset with edits")
+        sega = sega_safety[0].method(guidance_scale)
+    elif edits:
+        sega = SEGA(edits, guidance_scale, edit_momentum_scale, edit_momentum_beta)
+    else:
         return sld if sld.safety else CFG(guidance_scale)
-    sega = SEGA(edits, guidance_scale, edit_momentum_scale, edit_momentum_beta)
     return SLDWithSEGA(sld, sega) if sld.safety else sega  # SLD with no enabled config adds nothing
 
 
 def _sld_preset(config):
     return lambda guidance_scale=7.5, concept_text=None: SLD(
         config if concept_text is None else _with_concept(config, concept_text), guidance_scale)
+
+
+def _sega_preset(config):
+    """The registry factory of a SEGA safety preset: (guidance_scale, concept_text) -> its SEGA method."""
+    return lambda guidance_scale=7.5, concept_text=None: (
+        config if concept_text is None else _with_concept(config, concept_text)).method(guidance_scale)
 
 
 def _with_concept(config, text):
@@ -244,7 +313,8 @@ def _with_concept(config, text):
 # The preset registry: name -> factory(guidance_scale, concept_text=None) -> method. The CLI's --safety choices,
 # validation and image metadata read it; a new preset is one line here.
 PRESETS = {"off": lambda guidance_scale=7.5, concept_text=None: CFG(guidance_scale),
-           **{name: _sld_preset(config) for name, config in SAFETY_PRESETS.items()}}
+           **{name: _sld_preset(config) for name, config in SAFETY_PRESETS.items()},
+           **{name: _sega_preset(config) for name, config in SEGA_SAFETY_PRESETS.items()}}
 
 
 def preset(name: str):

@@ -14,6 +14,8 @@ import dataclasses
 import numpy as np
 import torch
 
+from .checks import config_values
+
 SPACINGS = ("leading", "linspace", "trailing")  # Lin et al. 2023, "Common Diffusion Noise Schedules…", Table 2
 
 
@@ -52,8 +54,7 @@ class SchedulerConfig:
         for key, (ok, why) in refuse.items():
             if key in d and d[key] != ok:
                 raise ValueError(f"unsupported scheduler config {key}={d[key]!r}: {why}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})  # unknown keys are ignored
+        return cls(**config_values(cls, d, "scheduler config"))  # unknown keys are ignored
 
 
 def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:

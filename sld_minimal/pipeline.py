@@ -11,18 +11,18 @@ their estimates (guidance.py holds the math), and the sampler (schedulers.py) ta
 import dataclasses
 import random
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import methods, schedulers
 from ._version import __version__
+from .checks import dtype as check_dtype, integer, kind, number
 from .clip import tokenize
 from .guidance import PRESETS as SAFETY_PRESETS, Edit
 from .loading import load_model
 from .methods import PROMPT, UNCOND
+from .outputs import Output, output_paths, png_bytes, render  # noqa: F401  (re-exported: results and their files)
 from .sampling import STOP, StepInfo, initial_latents, sample  # noqa: F401  (the loop's names, here too)
 
 
@@ -35,39 +35,6 @@ class _Default:
 
 
 DEFAULT_SAFETY = _Default()
-
-
-def output_paths(path, n: int) -> list:
-    """Where `n` images go: `path` itself for one, else `stem-0.png`, `stem-1.png`, …"""
-    path = Path(path)
-    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
-
-
-@dataclass
-class Output:
-    images: np.ndarray    # (N, H, W, 3) float32 in [0, 1], prompt-major
-    latents: torch.Tensor  # (N, 4, H/8, W/8)
-    seed: int | None
-    settings: list = field(default_factory=list)  # per image: its generation settings (a dict), see `render`
-
-    @property
-    def parameters(self) -> list:
-        """Per image: the text stored in its PNG's `parameters` chunk, rendered from `settings`."""
-        return [render(s) for s in self.settings]
-
-    def save(self, path) -> list:
-        """Write PNGs: `path` itself for one image, else `stem-0.png`, `stem-1.png`, …; folders are created.
-        Each PNG carries the generation settings as a `parameters` text chunk."""
-        from PIL import Image, PngImagePlugin
-
-        paths = output_paths(path, len(self.images))
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-        for i, (p, img) in enumerate(zip(paths, self.images)):
-            info = PngImagePlugin.PngInfo()
-            if i < len(self.parameters):
-                info.add_text("parameters", self.parameters[i])
-            Image.fromarray((img * 255).round().astype(np.uint8)).save(p, pnginfo=info)
-        return paths
 
 
 class StableDiffusion:
@@ -88,6 +55,8 @@ class StableDiffusion:
         `vae_dtype`: the VAE's own dtype, e.g. torch.float32 with dtype=torch.float16 (the SD 1.x VAE can overflow
         in fp16; its weights are then the fp16 ones, cast up, as diffusers' `upcast_vae` does).
         fp16 on the CPU (dtype or vae_dtype) is refused before anything is read: PyTorch has no fast CPU fp16 path."""
+        dtype = check_dtype("dtype", dtype)
+        vae_dtype = None if vae_dtype is None else check_dtype("vae_dtype", vae_dtype)
         if torch.device(device).type == "cpu" and torch.float16 in (dtype, vae_dtype):
             raise ValueError("fp16 is not accelerated on the CPU: use --dtype bf16 or fp32")
         tok, parts, scheduler_config = load_model(path, device, dtype, configs, tokenizer, ema)
@@ -127,28 +96,46 @@ class StableDiffusion:
         vae_dtype = self.vae.post_quant_conv.weight.dtype
         return torch.cat([self.vae(z[None].to(vae_dtype)) for z in latents]).float()  # one at a time: memory
 
+    @property
+    def vae_factor(self) -> int:
+        """Image pixels per latent pixel: the VAE doubles the size per level after the first, 8 for SD 1.x."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """The image size the model was trained at: UNet `sample_size` × the VAE factor (512 for SD 1.4)."""
+        return self.unet.config.sample_size * self.vae_factor
+
     def latent_shape(self, n: int, height: int, width: int) -> tuple:
-        """(n, 4, h, w) for images of height × width: the VAE halves the size per level, 8× for SD 1.x."""
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return n, 4, height // f, width // f
+        """(n, 4, h, w) for images of height × width."""
+        return n, 4, height // self.vae_factor, width // self.vae_factor
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt=None, safety=DEFAULT_SAFETY, num_inference_steps=50,
-                 guidance_scale=7.5, height=512, width=512, num_images=1, seed=None, generator=None, scheduler="pndm",
+                 guidance_scale=7.5, height=None, width=None, num_images=1, seed=None, generator=None, scheduler="pndm",
                  eta=0.0, callback=None, method=None, edits=(), edit_momentum_scale=0.1, edit_momentum_beta=0.4,
-                 progress=True, guidance=None) -> Output:
+                 progress=True, guidance=None, image_index=None) -> Output:
         """Generate `num_images` images per prompt (prompt-major). Same seed and settings → the image of diffusers'
         StableDiffusionPipelineSafe.
 
-        safety:    a preset name (methods.PRESETS: off, weak, medium, strong, max), a SafetyConfig, a list of them
+        safety:    a preset name (methods.PRESETS: off, weak, medium, strong, max, sega-*), a SafetyConfig, a list of them
                    (several concepts), or None (plain SD); edits: SEGA `guidance.Edit`s.
         method:    any guidance method object (methods.py) in place of safety/edits, e.g. your own research variant.
         scheduler: a registry name (schedulers.SAMPLERS) or a fresh Sampler object (its own timesteps win).
+        height, width: default `default_size`, the model's own (512 for SD 1.4).
         callback:  called with a StepInfo after every step; may return replacement latents, or STOP.
+        image_index: return only image k of the batch this call makes, e.g. to regenerate one image from its PNG's
+                   chunk. The whole batch is sampled as before (one noise draw for all N, as the reference does;
+                   and a CPU's results depend on the batch size by ~1e-6, enough to flip 8-bit pixels), only
+                   image k is decoded: its pixels are exactly the batch's.
         guidance:  deprecated: a function with `guidance.sld_guidance`'s signature; use method= instead."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = self._check(prompts, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                                num_images, scheduler, eta)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        negatives, num_inference_steps, guidance_scale, height, width, num_images, eta, seed = self._check(
+            prompts, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images, scheduler, eta,
+            seed)
+        prompts = list(prompts)
         method, configs = self._method(method, safety, edits, guidance, guidance_scale, edit_momentum_scale,
                                        edit_momentum_beta)
         sampler = scheduler if isinstance(scheduler, schedulers.Sampler) else schedulers.from_config(
@@ -173,19 +160,20 @@ class StableDiffusion:
             generator = torch.Generator("cpu").manual_seed(seed)
         else:
             seed = None
-        latents = initial_latents(generator, self.latent_shape(len(prompts) * n, height, width), self.dtype,
-                                  self.device, sampler.init_noise_sigma)
+        total = len(prompts) * n  # images of this call, prompt-major: image k is prompt k // n
+        which = list(range(total)) if image_index is None else [self._image_index(image_index, total)]
+        latents = initial_latents(generator, self.latent_shape(total, height, width), self.dtype, self.device,
+                                  sampler.init_noise_sigma)
         if hasattr(method, "reset"):
             method.reset()
-        latents = sample(self.unet, sampler, method, latents, context, generator, callback, progress)
+        latents = sample(self.unet, sampler, method, latents, context, generator, callback, progress)[which]
 
         images = self.decode(latents).permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)  # (N, H, W, 3)
         name = getattr(sampler, "name", "") or type(sampler).__name__
         steps = getattr(sampler, "num_inference_steps", len(sampler.timesteps))  # an object: its own count
         described = None if configs is not None and not isinstance(method, methods.FunctionSLD) else method
-        settings = [self._settings(p, neg, seed, steps, guidance_scale, name, eta, height, width, configs or [],
-                                   edits, described)
-                    for p, neg in zip(prompts, negatives) for _ in range(n)]
+        settings = [self._settings(prompts[k // n], negatives[k // n], seed, steps, guidance_scale, name, eta,
+                                   height, width, configs or [], edits, described, (k, total)) for k in which]
         return Output(images=images, latents=latents, seed=seed, settings=settings)
 
     def _method(self, method, safety, edits, guidance, guidance_scale, edit_momentum_scale, edit_momentum_beta):
@@ -215,69 +203,69 @@ class StableDiffusion:
             return methods.FunctionSLD(guidance, configs[0], guidance_scale), configs
         return methods.build(configs, edits, guidance_scale, edit_momentum_scale, edit_momentum_beta), configs
 
-    def _check(self, prompts, negative_prompt, steps, guidance_scale, height, width, num_images, scheduler, eta):
-        """Validate every argument before any work; returns the negative prompts, one per prompt."""
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
+    @staticmethod
+    def _image_index(k, total: int) -> int:
+        k = integer("image_index", k)
+        if not 0 <= k < total:
+            raise ValueError(f"image_index must be from 0 to {total - 1} (the batch has {total} images), got {k}")
+        return k
+
+    def _check(self, prompts, negative_prompt, steps, guidance_scale, height, width, num_images, scheduler, eta,
+               seed) -> tuple:
+        """Validate every argument before any work (numpy scalars welcome); returns the negative prompts, one per
+        prompt, and the numbers as Python ints and floats."""
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a non-empty list of strings, got {kind(prompts)}")
         if negative_prompt is None or isinstance(negative_prompt, str):
             negatives = [negative_prompt or ""] * len(prompts)
-        else:
+        elif isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt):
             negatives = list(negative_prompt)
             if len(negatives) != len(prompts):
                 raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        else:
+            raise TypeError(f"negative_prompt must be a string or a list of strings, got {kind(negative_prompt)}")
+        f = self.vae_factor
+        height, width = integer("height", height), integer("width", width)
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v < 8 or v % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
-        if not isinstance(steps, int) or not 1 <= steps <= 999:
-            raise ValueError(f"num_inference_steps must be an integer from 1 to 999, got {steps}")
-        if not guidance_scale >= 0:
+            if v < f or v % f:
+                raise ValueError(f"{name} must be a positive multiple of {f} (this model's VAE factor), got {v}")
+        steps, num_images = integer("num_inference_steps", steps), integer("num_images", num_images)
+        if not 1 <= steps <= 999:
+            raise ValueError(f"num_inference_steps must be from 1 to 999, got {steps}")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        guidance_scale, eta = number("guidance_scale", guidance_scale), number("eta", eta)
+        if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be an integer >= 1, got {num_images}")
+        if seed is not None and not 0 <= (seed := integer("seed", seed)) < 2**64:
+            raise ValueError(f"seed must be from 0 to 2**64 - 1, got {seed}")
         if isinstance(scheduler, schedulers.Sampler):
             if scheduler.steps_taken:
                 raise ValueError(f"the scheduler object has already taken {scheduler.steps_taken} steps; "
                                  f"pass a fresh one (samplers keep per-run state)")
             if eta:
                 raise ValueError("eta applies to a scheduler built by name; a scheduler object has its own")
-        elif scheduler not in schedulers.SAMPLERS:
+        elif not isinstance(scheduler, str) or scheduler not in schedulers.SAMPLERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers.SAMPLERS)}")
         elif eta < 0 or (eta and scheduler != "ddim"):
             raise ValueError(f"eta must be >= 0 and applies to the DDIM scheduler only, got {eta} with {scheduler}")
-        return negatives
+        return negatives, steps, guidance_scale, height, width, num_images, eta, seed
 
     def _settings(self, prompt, negative, seed, steps, guidance_scale, scheduler, eta, height, width, configs,
-                  edits, method=None) -> dict:
-        """One image's generation settings. `method`: a method that is not a preset's, described by `describe()`."""
+                  edits, method=None, image=(0, 1)) -> dict:
+        """One image's generation settings. `method`: a method that is not a preset's, described by `describe()`;
+        `image`: (k, N), image k (from 0, as in `stem-k.png`) of the N that the call's one noise draw made."""
         return {
-            "prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps,
+            "prompt": prompt, "negative_prompt": negative, "seed": seed, "image_index": image[0],
+            "num_images": image[1], "steps": steps,
             "guidance_scale": guidance_scale, "scheduler": scheduler, "eta": eta if scheduler == "ddim" else None,
             "width": width, "height": height,
             "method": None if method is None else method.describe() if hasattr(method, "describe")
             else type(method).__name__,
-            "safety": [{"preset": next((k for k, v in SAFETY_PRESETS.items() if v.values() == c.values()), "custom"),
+            "safety": [{"preset": c.preset if isinstance(c, methods.SegaSafety)
+                        else next((k for k, v in SAFETY_PRESETS.items() if v.values() == c.values()), "custom"),
                         **c.values(), "concept": c.concept} for c in configs],
             "edits": [dataclasses.asdict(e) for e in edits],
             "model": self.name, "version": __version__}
 
 
-def render(settings: dict) -> str:
-    """The A1111-style `parameters` text of one image's settings (what image viewers and tools read)."""
-    s = settings
-    lines = [s["prompt"], f"Negative prompt: {s['negative_prompt']}",
-             f"Seed: {s['seed']}, Steps: {s['steps']}, Guidance: {s['guidance_scale']}, Scheduler: {s['scheduler']}"
-             + (f", Eta: {s['eta']}" if s["eta"] is not None else "") + f", Size: {s['width']}x{s['height']}"]
-    if s["method"] is not None:
-        lines.append(f"Method: {s['method']}")
-    if not s["safety"] and s["method"] is None:
-        lines.append("Safety: off")
-    for c in s["safety"]:
-        values = ", ".join(f"{k}={c[k]}" for k in ("scale", "warmup_steps", "threshold", "momentum_scale",
-                                                     "momentum_beta"))
-        lines += [f"Safety: {c['preset']} ({values})", f"Safety concept: {c['concept']}"]
-    for e in s["edits"]:
-        lines.append(f"Edit: {'-' if e['reverse'] else '+'}{e['concept']} (scale {e['scale']}, threshold "
-                     f"{e['threshold']}, warmup {e['warmup_steps']}, cooldown {e['cooldown_steps']}, "
-                     f"weight {e['weight']})")
-    lines.append(f"Model: {s['model']}, sld_minimal {s['version']}")
-    return "\n".join(lines)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .clip import CLIPTextConfig, CLIPTextModel
+from .files import atomic_folder
 from .folder import extra_tensors, write_folder
 from .tokenizer import byte_alphabet, write_tokenizer_files
 from .unet import UNet2DConditionModel, UNetConfig
@@ -31,10 +32,10 @@ CONFIGS = {
     "tiny": (CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
              UNetConfig(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                        attention_head_dim=2, cross_attention_dim=32),
+                        attention_head_dim=2, cross_attention_dim=32, sample_size=16),
              VAEConfig(block_out_channels=(32, 64), layers_per_block=1)),
     "small": (CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4),
-              UNetConfig(block_out_channels=(32, 64, 64, 96), cross_attention_dim=64),
+              UNetConfig(block_out_channels=(32, 64, 64, 96), cross_attention_dim=64, sample_size=8),
               VAEConfig(block_out_channels=(32, 32, 64, 64))),
     "sd14": (CLIPTextConfig(), UNetConfig(), VAEConfig()),
 }
@@ -70,11 +71,14 @@ def published_state_dicts(text_cfg, unet_cfg, vae_cfg, device="cpu", seed=0) -> 
     return dicts
 
 
-def write_checkpoint(folder, config="tiny", seed=0, **overrides) -> Path:
+def write_checkpoint(folder, config="tiny", seed=0, overwrite=False) -> Path:
     """Write an SD 1.x model folder in the published diffusers layout with random weights; returns the folder.
-    `config` is one of CONFIGS or a (text, unet, vae) config triple."""
+    `config` is one of CONFIGS or a (text, unet, vae) config triple. The folder appears complete or not at all
+    (`files.atomic_folder`); a non-empty one is refused unless `overwrite`."""
     folder = Path(folder)
     text_cfg, unet_cfg, vae_cfg = CONFIGS[config] if isinstance(config, str) else config
-    write_tokenizer(folder / "tokenizer")
-    dicts = published_state_dicts(text_cfg, unet_cfg, vae_cfg, seed=seed)
-    return write_folder(folder, (text_cfg, unet_cfg, vae_cfg), dicts)
+    with atomic_folder(folder, overwrite) as tmp:
+        write_tokenizer(tmp / "tokenizer")
+        dicts = published_state_dicts(text_cfg, unet_cfg, vae_cfg, seed=seed)
+        write_folder(tmp, (text_cfg, unet_cfg, vae_cfg), dicts)
+    return folder

@@ -75,7 +75,12 @@ def load_tokenizer(folder):
     for name in ("vocab.json", "merges.txt"):
         if not (sub / name).is_file():
             raise WeightsError(f"{sub / name} is missing; the model folder is incomplete — download it again")
-    return CLIPTokenizer.from_pretrained(str(sub))
+    try:
+        return CLIPTokenizer.from_pretrained(str(sub))
+    except Exception as e:  # noqa: BLE001 — transformers raises many kinds, naming no file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f"{sub}: vocab.json / merges.txt cannot be read as a CLIP tokenizer ({first}); "
+                           f"download the model again or pass another --tokenizer") from None
 
 
 def clip_tokenizer():

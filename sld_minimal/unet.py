@@ -34,6 +34,7 @@ class UNetConfig:
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    sample_size: int = 64  # the latent size it was trained at: 64 × the VAE's 8 = 512 px, the default image size
 
     def __post_init__(self):
         n = len(self.block_out_channels)

@@ -5,7 +5,6 @@ Modules are built on the `meta` device (no memory, no init) and receive the file
 `WeightsError` whose one-line message names the file and what to do. Which file and which key names: `folder.py`
 (the published diffusers folder) and `layouts.py` (one CompVis file) say; `loading.py` picks between them.
 """
-import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import speedups
+from .checks import config_values
 from .clip import CLIPTextConfig, CLIPTextModel
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKLDecoder, VAEConfig
@@ -46,10 +46,12 @@ def read_config(cls, path: Path):
 
 def config_from_dict(cls, raw: dict, source):
     """`read_config` for a dict already parsed (`source` names where it came from in errors)."""
-    if raw.get("use_linear_projection") or isinstance(raw.get("attention_head_dim"), list):
+    if isinstance(raw, dict) and (raw.get("use_linear_projection") or isinstance(raw.get("attention_head_dim"), list)):
         raise WeightsError(f"{source} describes an SD 2.x-style UNet; only SD 1.x models are supported")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
+    try:
+        values = config_values(cls, raw, source)
+    except ValueError as e:  # names the source and the key already
+        raise WeightsError(str(e)) from None
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
@@ -110,9 +112,17 @@ def read_tensors(path: Path, names: dict, device, dtype=None) -> dict:
             begin, end = info["data_offsets"]
             raw = torch.empty(end - begin, dtype=torch.uint8)
             _read_exactly(fh, base + begin, raw, path)
-            file_dtype = DTYPES[info["dtype"]]
+            tensor = raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+            if not tensor.is_floating_point():  # a cast would silently turn quantized or wrong data into weights
+                raise WeightsError(f"{path}: key {key!r} holds {info['dtype']} integers; SD 1.x weights are floating "
+                                   f"point — this is not an SD 1.x checkpoint (or a quantized one, not supported)")
+            # any NaN/inf makes the sum non-finite (a fast pass); only then is the exact, slower test needed, as a
+            # sum of finite values may overflow too
+            if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+                raise WeightsError(f"{path}: key {key!r} contains NaN or infinite values; the file is damaged — "
+                                   f"download it again")
             # .to() returns the tensor itself when nothing changes, else a fresh (aligned) copy
-            state[name] = raw.view(file_dtype).reshape(info["shape"]).to(device=device, dtype=dtype or file_dtype)
+            state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
         return state
 
 

@@ -55,13 +55,20 @@ def test_existing_output_is_never_overwritten(tiny_ckpt, tmp_path, capsys):
     (["--weights", "{corrupt}"], 1, "not a readable safetensors file"),
     (["--safety", "extreme"], 2, "invalid choice: 'extreme'"),
     (["--safety", "off", "--safety-concept", "x"], 2, "--safety-concept needs a safety preset"),
-    (["--height", "30"], 1, "height must be a positive multiple of 8"),
-    (["--steps", "0"], 1, "num_inference_steps must be an integer from 1 to 999"),
-    (["--steps", "many"], 2, "invalid int value: 'many'"),
-    (["--guidance", "-2"], 1, "guidance_scale must be >= 0"),
-    (["--num-images", "0"], 1, "num_images must be an integer >= 1"),
+    (["--height", "31"], 2, "--height 31: must be a multiple of 2 \\(this model's VAE factor\\)"),
+    (["--height", "0"], 2, "argument --height: must be >= 8"),
+    (["--steps", "0"], 2, "argument --steps: must be from 1 to 999, got 0"),
+    (["--steps", "many"], 2, "argument --steps: expected an integer, got 'many'"),
+    (["--guidance", "-2"], 2, "argument --guidance: must be >= 0"),
+    (["--guidance", "inf"], 2, "argument --guidance: must be a finite number"),
+    (["--scheduler", "ddim", "--eta", "nan"], 2, "argument --eta: must be a finite number"),
+    (["--seed", str(10**23)], 2, "argument --seed: must be from 0 to 18446744073709551615"),
+    (["--num-images", "0"], 2, "argument --num-images: must be >= 1"),
+    (["--num-images", "65"], 2, "65 images in one call is more than 64 .*GiB.*--no-limits"),
+    (["--height", "4096", "--width", "4096"], 2, "4096x4096 is more than 2048x2048 pixels .*GiB.*--no-limits"),
+    (["--num-images", "2", "--image-index", "2"], 2, "--image-index 2: a batch of --num-images 2 has images 0 to 1"),
     (["--scheduler", "heun"], 2, "invalid choice: 'heun'"),
-    (["--eta", "0.3"], 1, "applies to the DDIM scheduler only"),
+    (["--eta", "0.3"], 2, "--eta applies to --scheduler ddim only"),
     (["--device", "cuda"], 2, "--device cuda: no such device"),
 ])
 def test_bad_input_is_one_line(tiny_ckpt, tmp_path, capsys, args, code, pattern):
@@ -126,7 +133,7 @@ def test_generate_downloads_the_default_weights_when_missing(monkeypatch, tiny_c
         shutil.copytree(tiny_ckpt, to)
         return to
     monkeypatch.setattr(cli, "download", fake_download)
-    code, _, err = run(capsys, "generate", "x", *FAST)
+    code, _, err = run(capsys, "generate", "x", *FAST[:-1])  # not --quiet: that prints nothing but errors
     assert code == 0 and fetched == [cli.DEFAULT_WEIGHTS] and "downloading Stable Diffusion 1.4" in err
     assert (tmp_path / "image.png").exists()
 

@@ -131,7 +131,7 @@ def test_method_conflicts_and_the_deprecated_function(pipe):
 
 
 def test_presets_come_from_one_registry():
-    assert list(methods.PRESETS) == ["off", "weak", "medium", "strong", "max"]
+    assert list(methods.PRESETS) == ["off", "weak", "medium", "strong", "max", "sega-medium", "sega-strong", "sega-max"]
     assert isinstance(methods.preset("off")(7.5), methods.CFG) and not isinstance(methods.preset("off")(), methods.SLD)
     strong = methods.preset("Strong")(5.0, "violence")
     assert strong.safety == [dataclasses.replace(G.PRESETS["strong"], concept="violence")]

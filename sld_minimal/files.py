@@ -1,0 +1,122 @@
+"""Every file this package writes goes through here: whole or not at all.
+
+`write_atomic` writes beside the target under a hidden temporary name, fsyncs, then renames (a rename within one
+folder is atomic on POSIX and Windows), so a reader — or a rerun after kill -9 or a full disk — sees the old file or
+the new one, never a truncated one. `atomic_folder` does the same for a folder: it is filled as a hidden sibling
+and renamed when complete. Errors are `OSError`s whose message names the file; `remove_orphans` clears the hidden
+temporaries a killed process left behind.
+"""
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_SUFFIX = ".tmp"  # hidden temporaries: f".{name}.{pid}.{random}.tmp"
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """The same error, its message naming `path` (OSError's own text often names the temporary or nothing)."""
+    reason = e.strerror or str(e) or type(e).__name__
+    err = type(e)(e.errno, f"cannot write {path}: {reason}") if e.errno is not None else OSError(f"cannot write {path}: {reason}")
+    return err
+
+
+def write_atomic(path, data) -> Path:
+    """Write `data` (bytes, str, or a function taking a binary file object) to `path` atomically; returns `path`."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _named(e, path) from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def create_exclusive(path, data) -> bool:
+    """Create `path` holding `data` only if no file of that name exists, atomically (concurrent writers agree on
+    one: the first); returns whether we created it."""
+    path = Path(path)
+    tmp = write_atomic(temp_name(path), data)
+    try:
+        os.link(tmp, path)  # fails if the name exists: the file another process made stays
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: exclusive create (O_EXCL), written in one call
+        try:
+            with open(path, "xb") as f:
+                f.write(tmp.read_bytes())
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink()
+
+
+@contextmanager
+def atomic_folder(dst, overwrite: bool = False):
+    """Yield a hidden temporary folder beside `dst`; when the block ends without an error it becomes `dst`.
+    A non-empty `dst` is refused (FileExistsError naming it) unless `overwrite`, which replaces it only at the end."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=TMP_SUFFIX, dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = temp_name(dst)
+            os.rename(dst, old)  # the old folder goes only once the new one is complete
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_orphans(folder) -> list:
+    """Remove the hidden temporaries (`.name.pid.xxxx.tmp`) that killed writers left in `folder`; returns them.
+    Only files of processes no longer alive on this machine are removed, so a concurrent writer keeps its own.
+    (Shards on several machines sharing one folder over a network file system cannot see each other's processes:
+    start them one after another there, or give each its own folder.)"""
+    removed = []
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        parts = p.name.split(".")
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
