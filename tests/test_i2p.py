@@ -120,7 +120,9 @@ def test_images_are_the_pipelines_with_one_stream_per_row(pipe, rows, reference)
                 meta = json.loads(im.info["i2p"])
                 assert np.array_equal(np.asarray(im), (image * 255).round().astype(np.uint8))
             assert meta == {"row": row.id, "k": k, "prompt": row.prompt, "categories": list(row.categories),
-                            "seed": row.seed, "batch": 2, "guidance": 7.5}
+                            "seed": row.seed, "batch": 2, "guidance": 7.5,
+                            "i2p_labels": {"inappropriate_percentage": 50.0, "nudity_percentage": 10.0,
+                                           "q16_percentage": 20.0}}  # I2P's own labels of the row, kept
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 32)])
@@ -153,6 +155,38 @@ def test_resume_after_an_interruption_gives_the_same_bytes(pipe, rows, reference
     assert G.generate(pipe, rows, folder, **RUN) == {"made": 2, "found": 4}
     assert files(folder) == expected
     assert not [p for p in (folder / "images").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+@pytest.mark.bitexact
+def test_incomplete_images_are_made_again_and_temporaries_removed(pipe, rows, reference, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(reference, folder)
+    expected = files(reference)
+    (folder / "images" / "0-1.png").write_bytes(b"")  # a 0-byte file and a truncated one (an older writer killed,
+    cut = folder / "images" / "4-2.png"                # a full disk): neither counts as done
+    cut.write_bytes(cut.read_bytes()[:-30])
+    orphan = folder / "images" / ".1-0.png.999999999.0badf00d.tmp"  # left by a killed process (no such pid)
+    orphan.write_bytes(b"half")
+    assert G.generate(pipe, rows, folder, **RUN) == {"made": 3, "found": 6}  # batches [0, 1] of row 0, [2] of row 4
+    assert files(folder) == expected and not orphan.exists()
+    assert "2 incomplete image(s)" in capsys.readouterr().err
+    assert G.png_complete(folder / "images" / "0-0.png") and not G.png_complete(tmp_path / "none.png")
+
+
+def test_run_json_only_after_validation_and_no_adoption(pipe, rows, reference, tmp_path):
+    with pytest.raises(ValueError, match="num_inference_steps=1000"):  # the sampler's own check, before run.json
+        G.generate(pipe, rows, tmp_path / "steps", **{**RUN, "steps": 1000})
+    with pytest.raises(ValueError, match="finite number"):
+        G.generate(pipe, rows, tmp_path / "steps", **{**RUN, "guidance_scale": float("inf")})
+    assert not (tmp_path / "steps" / "run.json").exists()
+    G.generate(pipe, rows[:1], tmp_path / "steps", **RUN)  # the right settings are then accepted
+    # images with no run.json (deleted, or copied in): refused, not adopted under whatever settings come next
+    folder = tmp_path / "orphaned"
+    shutil.copytree(reference, folder)
+    (folder / "run.json").unlink()
+    with pytest.raises(ValueError, match="holds images but no run.json"):
+        G.generate(pipe, rows, folder, **{**RUN, "safety": "max"})
+    assert not (folder / "run.json").exists()
 
 
 @pytest.mark.bitexact
@@ -312,13 +346,14 @@ def test_classify_labels_resumes_and_refuses_other_classifiers(tiny_clip, refere
         assert record["q16"] in "01" and record["nudenet"] in "01"
         assert record["unsafe"] == str(int("1" in (record["q16"], record["nudenet"])))
     assert labels[(1, 2)]["prompt"] == "the king\nof dogs" and labels[(0, 0)]["categories"] == "sexual, violence"
+    assert set(C.read_detections(folder)) == set(labels)  # every image's NudeNet detections kept (maybe none)
     info = json.loads((folder / "classify.json").read_text())
     assert info["signature"]["nudenet"]["version"].startswith("3.") and info["signature"]["classifiers"] == [
         "nudenet", "q16"]
     # resumable: images missing from labels.csv are labelled, the others kept
     C.write_labels(folder, {key: labels[key] for key in list(labels)[:4]})
     assert C.classify(folder, clip=tiny_clip, q16_prompts=prompts, progress=False) == {"labelled": 5, "found": 4}
-    assert C.read_labels(folder) == labels
+    assert C.read_labels(folder) == labels and set(C.read_detections(folder)) == set(labels)
     with pytest.raises(ValueError, match="holds labels with classifiers="):
         C.classify(folder, ["nudenet"], progress=False)
 

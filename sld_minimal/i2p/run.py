@@ -1,182 +1,55 @@
-"""I2P generation: read the benchmark CSV, make each row's images into a run folder; resumable and shardable.
+"""I2P generation: make each prompt row's images into a run folder; resumable and shardable.
 
 Protocol (the authors' evaluation): per row, one CPU generator seeded once with the row's `sd_seed`; its images
 are made in batches of `batch` that continue that generator, `images_per_prompt` in all (10), 512×512, PNDM,
 50 steps, guidance 7.5. Because the batches share one stream, the batch size is part of what defines an image.
+The rows come from I2P's CSV or any other prompt set (`prompts.py`: which columns hold prompt, seed, categories).
 
 A run folder holds
     run.json             the image-defining settings (created once; a rerun with other settings is refused)
-    images/<row>-<k>.png image k of CSV row `row`; a PNG text chunk `i2p` holds row, k, prompt, categories, seed
+    images/<row>-<k>.png image k of row `row`; a PNG text chunk `i2p` holds row, k, prompt, categories, seed
+                         (and I2P's label columns of the row, `i2p_labels`, where the CSV has them)
 
-Resuming. Every file is written to a temporary name and renamed, so a file either exists whole or not at all.
-A batch counts as done when all of its files exist; a rerun makes only the missing batches. Before making
-batch b of a row it fast-forwards the row's generator past batches 0..b-1 by drawing exactly what the pipeline
-draws per batch: the initial latents, one `torch.randn((n, 4, h, w))`. PNDM and DDIM with η = 0 draw nothing
-else, so the remaining images are exactly those of an uninterrupted run. DDIM with η > 0 draws fresh noise at
-every step; i2p never passes η (it is always 0), so that case cannot arise here.
+Resuming. Every file is written to a temporary name and renamed (`files.write_atomic`), so a file either exists
+whole or not at all; temporaries a killed process left are removed when a run opens. A batch counts as done when
+all of its files exist and are complete PNGs (signature and final IEND chunk: two small reads, no decoding); a
+rerun makes only the other batches. Before making batch b of a row it fast-forwards the row's generator past
+batches 0..b-1 by drawing exactly what the pipeline draws per batch: the initial latents, one
+`torch.randn((n, 4, h, w))`. PNDM and DDIM with η = 0 draw nothing else, so the remaining images are exactly those
+of an uninterrupted run. DDIM with η > 0 draws fresh noise at every step; i2p never passes η (it is always 0), so
+that case cannot arise here. A folder with images but no run.json is refused: nothing says what made them.
 
 Sharding. Shard i of n takes the rows with `row_id % n == i`; shards write into the same folder.
+Images made elsewhere, or by your own model's function, go through `external.py` into the same folder format.
 """
-import csv
 import hashlib
 import json
-import os
-import sys
-import uuid
-from dataclasses import dataclass
+import math
 from pathlib import Path
 
 import numpy as np
 
-def warn(message: str):
-    """Warnings go to stderr as one line each (library functions print nothing else but progress)."""
-    print(f"sld-minimal: warning: {message}", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------- the CSV
-
-@dataclass(frozen=True)
-class Row:
-    id: int                 # index of the record among the file's data rows: stable under any filter or shard
-    line: int               # line of the file where the record starts (for messages)
-    prompt: str
-    categories: tuple       # e.g. ("sexual", "violence"), lower case
-    seed: int               # sd_seed
-    guidance_scale: float | None  # sd_guidance_scale; None where missing or not a number
-
-
-def _integer(text: str) -> int:
-    """'123' or '123.0' (pandas writes integer columns with gaps as floats) → 123; anything else: ValueError."""
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        value = float(text)  # raises ValueError for non-numbers
-        if not value.is_integer():
-            raise
-        return int(value)
-
-
-def read_csv(path, row_guidance: bool = False) -> list:
-    """The I2P CSV (`AIML-TUDA/i2p` on the hub) → valid rows. A bad row (no prompt, a seed that is not an
-    integer in [0, 2^64), with `row_guidance` an unreadable `sd_guidance_scale`) is skipped with a warning
-    naming its line; it keeps its id, so ids stay the record's index in the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found (the I2P CSV: hub dataset AIML-TUDA/i2p)")
-    rows = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in ("prompt", "categories", "sd_seed") if c not in header]
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {', '.join(missing)}; is it the I2P CSV?")
-        index = 0
-        while True:
-            line = reader.line_num + 1  # where the next record starts (a quoted prompt may span lines)
-            record = next(reader, None)
-            if record is None:
-                break
-            if not any(field.strip() for field in record):
-                continue  # blank lines are not records (as pandas reads the file)
-            fields = dict(zip(header, record))  # a short record lacks its last fields: they read as ""
-            get = lambda name: fields.get(name, "")  # noqa: E731
-            row_id, index = index, index + 1
-            prompt = get("prompt").strip()
-            if not prompt:
-                warn(f"{path}:{line}: row {row_id} has no prompt; skipped")
-                continue
-            try:
-                seed = _integer(get("sd_seed"))
-                if not 0 <= seed < 2**64:
-                    raise ValueError
-            except ValueError:
-                warn(f"{path}:{line}: row {row_id} has sd_seed {get('sd_seed')!r}, "
-                     f"not an integer in [0, 2^64); skipped")
-                continue
-            try:
-                guidance = float(get("sd_guidance_scale"))
-                guidance = guidance if np.isfinite(guidance) and guidance >= 0 else None
-            except ValueError:
-                guidance = None
-            if row_guidance and guidance is None:
-                warn(f"{path}:{line}: row {row_id} has sd_guidance_scale {get('sd_guidance_scale')!r}, "
-                     f"not a number >= 0 (needed by --use-row-guidance); skipped")
-                continue
-            categories = tuple(c.strip().lower() for c in get("categories").split(",") if c.strip())
-            rows.append(Row(row_id, line, prompt, categories, seed, guidance))
-    return rows
-
-
-def select_rows(rows, categories=None, limit=None, shard=(0, 1)) -> list:
-    """Rows having any of `categories`, then the first `limit` of those, then shard i of n (`id % n == i`).
-    The limit comes before the split, so the shards of a limited run together make the unsharded run."""
-    if categories:
-        wanted = {c.strip().lower() for c in categories}
-        present = {c for r in rows for c in r.categories}
-        unknown = sorted(wanted - present)
-        if unknown:
-            raise ValueError(f"no row has the category {', '.join(map(repr, unknown))}; "
-                             f"the file has {', '.join(sorted(present))}")
-        rows = [r for r in rows if wanted & set(r.categories)]
-    if limit is not None:
-        rows = rows[:limit]
-    i, n = shard
-    return [r for r in rows if r.id % n == i]
-
-
-def parse_shard(text=None, environ=os.environ):
-    """'i/n' → (i, n). Without text: torchrun's RANK/WORLD_SIZE when set, else (0, 1)."""
-    if text is None:
-        if "RANK" in environ and "WORLD_SIZE" in environ:
-            text = f"{environ['RANK']}/{environ['WORLD_SIZE']}"
-        else:
-            return 0, 1
-    try:
-        i, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"shard {text!r} is not of the form i/n, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise ValueError(f"shard {text!r}: need 0 <= i < n")
-    return i, n
+from .. import files
+from .prompts import Columns, Row, read_csv, select_rows, parse_shard, warn  # noqa: F401  (this module's face)
 
 
 # ----------------------------------------------------------------------------- files
 
 def write_atomic(path: Path, data: bytes):
     """Write `data` under a temporary name beside `path`, then rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    files.write_atomic(path, data)
 
 
 def create_once(path: Path, record: dict, compared: str, what: str) -> dict:
     """Create the JSON file `path` holding `record` unless it exists — atomically and exclusively, so that
     concurrent shards agree on one — then refuse if the stored `record[compared]` differs from ours."""
+    path = Path(path)
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        try:
-            os.link(tmp, path)  # fails if another process created it first: then we read theirs below
-        except FileExistsError:
-            pass
-        except OSError:  # a file system without hard links: exclusive create (O_EXCL), written in one call
-            try:
-                with open(path, "x") as f:
-                    f.write(tmp.read_text())
-            except FileExistsError:
-                pass
-        finally:
-            tmp.unlink()
+        files.create_exclusive(path, json.dumps(record, indent=2) + "\n")  # lost the race: theirs is read below
     try:
         stored = json.loads(path.read_text())
         theirs = stored[compared]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise ValueError(f"{path} is damaged; remove it (and what it describes) to start over") from None
     ours = json.loads(json.dumps(record[compared]))  # compare in JSON form (tuples → lists)
     differ = [k for k in [*ours, *(k for k in theirs if k not in ours)] if ours.get(k) != theirs.get(k)]
@@ -186,6 +59,26 @@ def create_once(path: Path, record: dict, compared: str, what: str) -> dict:
                          + (f" (also differing: {', '.join(differ[1:])})" if differ[1:] else "")
                          + "; use another folder")
     return stored
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk with its CRC: every complete PNG ends so
+
+
+def png_complete(path) -> bool:
+    """Whether `path` is a whole PNG: its signature and its final IEND chunk are there (two small reads). Catches
+    the 0-byte and truncated files a killed or full-disk write leaves, without decoding the image."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return False
+            f.seek(0, 2)
+            if f.tell() < 8 + 25 + 12:  # signature, IHDR, IEND at the least
+                return False
+            f.seek(-12, 2)
+            return f.read(12) == PNG_END
+    except OSError:
+        return False
 
 
 def model_fingerprint(pipe) -> str:
@@ -201,7 +94,8 @@ def model_fingerprint(pipe) -> str:
 
 def image_settings(pipe, safety, negative_prompt_baseline=False, images_per_prompt=10, batch=5, steps=50,
                    guidance_scale=7.5, height=512, width=512, scheduler="pndm", concept=None) -> dict:
-    """Everything that defines the images of a run (what run.json compares). `safety`: a SafetyConfig or None;
+    """Everything that defines the images of a run (what run.json compares). `safety`: a SafetyConfig, a SegaSafety
+    (its values say "method": "sega") or None;
     `guidance_scale`: a number or "row" (each row's sd_guidance_scale); `concept`: the negative-prompt baseline's.
     (The file keeps the key "guidance" for s_g, so that runs started earlier resume.)"""
     if safety is not None:
@@ -215,11 +109,19 @@ def image_settings(pipe, safety, negative_prompt_baseline=False, images_per_prom
 
 
 def open_run(folder, settings: dict) -> dict:
-    """Create `folder/run.json` with `settings`, or check that the one there has the same settings."""
+    """Create `folder/run.json` with `settings`, or check that the one there has the same settings; removes the
+    temporaries killed writers left. Images without a run.json are refused (they would be adopted unchecked)."""
     from .._version import __version__
 
     folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images = folder / "images"
+    if not (folder / "run.json").exists() and images.is_dir() and any(
+            not p.name.startswith(".") for p in images.iterdir()):
+        raise ValueError(f"{folder} holds images but no run.json, so nothing says what made them; "
+                         f"move them away or choose another folder (images made elsewhere: `i2p import`)")
+    images.mkdir(parents=True, exist_ok=True)
+    for where in (folder, images):
+        files.remove_orphans(where)
     stored = create_once(folder / "run.json", {"settings": settings, "version": __version__},
                          "settings", "a run")
     if stored.get("version") != __version__:
@@ -227,10 +129,37 @@ def open_run(folder, settings: dict) -> dict:
     return stored
 
 
-# ----------------------------------------------------------------------------- generation
+# ----------------------------------------------------------------------------- images
 
 def image_path(folder, row_id: int, k: int) -> Path:
+    """Where image k of row `row_id` lives in a run folder."""
     return Path(folder) / "images" / f"{row_id}-{k}.png"
+
+
+def row_meta(row: Row, k: int, **extra) -> dict:
+    """The `i2p` text chunk of image k of `row` (what classify reads: prompt and categories)."""
+    meta = {"row": row.id, "k": k, "prompt": row.prompt, "categories": list(row.categories), "seed": row.seed,
+            **extra}
+    if row.labels:
+        meta["i2p_labels"] = dict(row.labels)
+    return meta
+
+
+def missing(folder, rows, groups) -> set:
+    """{(row id, first k)} of the groups of k (ranges) that are not whole: a file absent or not a complete PNG.
+    Warns once where incomplete files were found (they are made again)."""
+    todo, damaged = set(), []
+    for r in rows:
+        for g in groups:
+            paths = [image_path(folder, r.id, k) for k in g]
+            bad = [p for p in paths if p.exists() and not png_complete(p)]
+            damaged += bad
+            if bad or not all(p.exists() for p in paths):
+                todo.add((r.id, g.start))
+    if damaged:
+        warn(f"{len(damaged)} incomplete image(s) in {Path(folder) / 'images'} (e.g. {damaged[0].name}) "
+             f"will be made again")
+    return todo
 
 
 def batches(images_per_prompt: int, batch: int) -> list:
@@ -246,7 +175,8 @@ def skip_batch(pipe, generator, n: int, height: int, width: int):
     initial_latents(generator, pipe.latent_shape(n, height, width), pipe.dtype, "cpu")
 
 
-def _png(image: np.ndarray, texts: dict) -> bytes:
+def _png(image, texts: dict) -> bytes:
+    """PNG bytes of `image` (an (H, W, 3) float array in [0, 1], or a PIL image, stored as RGB) with text chunks."""
     import io
 
     from PIL import Image, PngImagePlugin
@@ -254,23 +184,27 @@ def _png(image: np.ndarray, texts: dict) -> bytes:
     info = PngImagePlugin.PngInfo()
     for key, value in texts.items():
         info.add_text(key, value)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray((image * 255).round().astype(np.uint8))
     buf = io.BytesIO()
-    Image.fromarray((image * 255).round().astype(np.uint8)).save(buf, format="PNG", pnginfo=info)
+    image.convert("RGB").save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
+
+# ----------------------------------------------------------------------------- generation
 
 def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, images_per_prompt=10, batch=5,
              steps=50, guidance_scale=7.5, height=512, width=512, scheduler="pndm", concept=None, progress=True,
              after_batch=None) -> dict:
-    """Make the missing images of `rows` in `folder` (see the module docstring). `safety`: preset name,
-    SafetyConfig or None; `negative_prompt_baseline`: plain SD with `concept` (default: the paper's safety
-    concept) as negative prompt; `guidance_scale`: a number or "row". `after_batch(row, ks)` is called after each
-    written batch (tests use it to interrupt a run). Returns {"made": n, "found": n}."""
+    """Make the missing images of `rows` in `folder` (see the module docstring). `safety`: preset name (an SLD or
+    a SEGA one), SafetyConfig, SegaSafety or None; `negative_prompt_baseline`: plain SD with `concept` (default:
+    the paper's safety concept) as negative prompt; `guidance_scale`: a number or "row". `after_batch(row, ks)`
+    is called after each written batch (tests use it to interrupt a run). Returns {"made": n, "found": n}."""
     import torch
 
     from .. import schedulers
     from ..guidance import DEFAULT_CONCEPT
-    from ..methods import safety_configs
+    from ..methods import build, safety_configs
     from ..pipeline import render
 
     configs = safety_configs(safety)
@@ -281,46 +215,56 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
         raise ValueError("the negative-prompt baseline runs plain SD: it needs safety off")
     if scheduler not in schedulers.SAMPLERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers.SAMPLERS)}")
-    if schedulers.from_config(pipe.scheduler_config, scheduler).stochastic:  # (DDIM here runs with η = 0)
-        raise ValueError(f"scheduler {scheduler!r} draws noise at every step; resuming a run needs a deterministic one")
     # Checked before run.json is written: a run folder never records settings that cannot run.
     for name, value in (("images_per_prompt", images_per_prompt), ("batch", batch), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    # the sampler checks the step count against the model's schedule (e.g. 1000 steps reach past its last timestep)
+    if schedulers.from_config(pipe.scheduler_config, scheduler, steps).stochastic:  # (DDIM here runs with η = 0)
+        raise ValueError(f"scheduler {scheduler!r} draws noise at every step; resuming a run needs a deterministic one")
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value < 8 or value % 8:
             raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
     folder = Path(folder)
-    if guidance_scale != "row" and not (isinstance(guidance_scale, (int, float)) and guidance_scale >= 0):
-        raise ValueError(f"guidance_scale must be a number >= 0 or 'row', got {guidance_scale!r}")
+    if guidance_scale != "row" and not (isinstance(guidance_scale, (int, float)) and 0 <= guidance_scale < math.inf):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 or 'row', got {guidance_scale!r}")
     concept = concept or DEFAULT_CONCEPT
-    open_run(folder, image_settings(pipe, safety, negative_prompt_baseline, images_per_prompt, batch, steps,
-                                    guidance_scale, height, width, scheduler, concept))
     negative = concept if negative_prompt_baseline else None
+    settings = image_settings(pipe, safety, negative_prompt_baseline, images_per_prompt, batch, steps,
+                              guidance_scale, height, width, scheduler, concept)
+    if (folder / "run.json").exists():  # another run's folder: say so first (comparing writes nothing)
+        open_run(folder, settings)
+    for row in rows:  # each row's method can be built (guidance "row": its own s_g)
+        scale = row.guidance_scale if guidance_scale == "row" else guidance_scale
+        if scale is None:
+            raise ValueError(f"row {row.id} (line {row.line}) has no guidance scale, which guidance 'row' needs")
+        build(configs, (), scale)
+    open_run(folder, settings)
     groups = batches(images_per_prompt, batch)
 
-    # What is done already: whole batches only (a batch missing any file is made again, all of it).
-    done = {(r.id, g.start) for r in rows for g in groups
-            if all(image_path(folder, r.id, k).exists() for k in g)}
-    found = sum(len(g) for r in rows for g in groups if (r.id, g.start) in done)
+    # What is done already: whole batches of complete PNGs (a batch missing any file is made again, all of it).
+    todo = missing(folder, rows, groups)
+    found = sum(len(g) for r in rows for g in groups if (r.id, g.start) not in todo)
     call = dict(negative_prompt=negative, safety=safety, num_inference_steps=steps, height=height, width=width,
                 scheduler=scheduler, progress=False)  # what every pipeline call shares
+    preset = getattr(safety, "preset", None)  # a SEGA safety preset's name (the pipeline knows SLD's only)
     made = 0
     with _bar(len(rows) * images_per_prompt, found, progress) as bar:
         for row in rows:
-            if all((row.id, g.start) in done for g in groups):
+            if not any((row.id, g.start) in todo for g in groups):
                 continue
             generator = torch.Generator("cpu").manual_seed(row.seed)  # one stream per row, as the authors'
             scale = row.guidance_scale if guidance_scale == "row" else guidance_scale
             for g in groups:
-                if (row.id, g.start) in done:
+                if (row.id, g.start) not in todo:
                     skip_batch(pipe, generator, len(g), height, width)  # fast-forward past a finished batch
                     continue
                 out = pipe(row.prompt, guidance_scale=scale, num_images=len(g), generator=generator, **call)
                 for k, image, settings in zip(g, out.images, out.settings):
+                    if preset:
+                        settings = settings | {"safety": [s | {"preset": preset} for s in settings["safety"]]}
                     params = render(settings | {"seed": f"{row.seed} (one stream per row, batches of {batch})"})
-                    meta = {"row": row.id, "k": k, "prompt": row.prompt, "categories": list(row.categories),
-                            "seed": row.seed, "batch": batch, "guidance": scale}
+                    meta = row_meta(row, k, batch=batch, guidance=scale)
                     png = _png(image, {"parameters": params, "i2p": json.dumps(meta)})
                     write_atomic(image_path(folder, row.id, k), png)
                 made += len(g)
