@@ -1,4 +1,4 @@
-"""Command line: `sld-minimal generate|download|tiny|convert …` (also `python -m sld_minimal …`).
+"""Command line: `sld-minimal generate|download|tiny|convert|demo …` (also `python -m sld_minimal …`).
 
 Every bad input ends in one line on stderr and a non-zero exit; `--debug` shows the traceback instead.
 """
@@ -125,6 +125,16 @@ def cmd_convert(a):
     print(f"wrote {convert(a.src, a.dst, ema=a.ema, tokenizer=a.tokenizer)}")
 
 
+def cmd_demo(a):
+    try:
+        from .demo_page import serve  # imports gradio
+    except ModuleNotFoundError as e:
+        if e.name not in ("gradio", "matplotlib"):
+            raise
+        raise UsageError(f'the demo needs {e.name}: pip install -e ".[demo]"') from None
+    serve(a.weights, a.host, a.port, a.device, a.dtype, a.max_steps, a.no_limits)
+
+
 def build_parser() -> Parser:
     p = Parser(prog="sld-minimal", description="Safe Latent Diffusion on Stable Diffusion 1.4")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -185,6 +195,18 @@ def build_parser() -> Parser:
     c.add_argument("--tokenizer", metavar="DIR", help="file -> folder: copy this tokenizer folder (default: CLIP's)")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
     c.set_defaults(run=cmd_convert)
+
+    from .demo import MAX_STEPS
+    m = sub.add_parser("demo", help="a local web page comparing SD and SLD side by side (pip install -e \".[demo]\")")
+    m.add_argument("--weights", help=f"SD 1.x folder or .safetensors file (default: {DEFAULT_WEIGHTS} if present)")
+    m.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    m.add_argument("--port", type=int, default=7860)
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    m.add_argument("--max-steps", type=int, default=MAX_STEPS, help="the page's limit on sampling steps (<= 999)")
+    m.add_argument("--no-limits", action="store_true", help="lift the page's limit on image size (2048x2048 pixels)")
+    m.add_argument("--debug", action="store_true", help="show tracebacks")
+    m.set_defaults(run=cmd_demo)
 
     from . import i2p  # the I2P benchmark's generate/classify/report (sld_minimal/i2p/)
     i2p.add_parser(sub)

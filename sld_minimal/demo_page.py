@@ -1,0 +1,173 @@
+"""The demo's page: `sld-minimal demo`, a local Gradio app that lays out `demo.py`'s comparison of plain SD and SLD
+(fields, both images with their PNG downloads, the difference, the heat map, the per-step plots, progress, cancel).
+
+Nothing leaves the machine: Gradio's analytics are off, the theme uses the system's fonts (no font CDN), no
+server-side rendering, no share link, and the server binds 127.0.0.1 unless told otherwise. No field names a file.
+"""
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported: no usage reports, no version check
+
+import gradio as gr  # noqa: E402
+import matplotlib  # noqa: E402,F401  (demo.plot draws with it: missing, the command fails at start)
+
+from .cli_common import DEFAULT_WEIGHTS, UsageError, pick_device, pick_dtype  # noqa: E402
+from .demo import (AWAY, CUSTOM, LABELS, MAX_STEPS, PRESET_CHOICES, SLD_FIELDS, TOWARD, Demo,  # noqa: E402
+                   FieldError, plot, preset_values, random_seed)
+from .schedulers import SAMPLERS  # noqa: E402
+
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial",
+                "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+IMAGE_HEIGHT = 300  # px of each image box
+# small images (the tiny model makes 32 px ones) fill their boxes, one block per pixel
+CSS = ".result img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+
+INTRO = """# Safe Latent Diffusion: SD and SLD side by side
+Model: `{model}`. **Compare** runs plain Stable Diffusion and SLD (Schramowski et al., CVPR 2023) with the same seed
+and settings; the SEGA edit, if any, applies to both sides. The heat map marks, per latent pixel, the share of
+steps where SLD acted (μ > 0 in some channel, from the warm-up δ on); the plots show the SLD run step by step."""
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def compare_outputs(demo: Demo, fields: dict, session=None, progress=None) -> tuple:
+    """The page's outputs for one press of Compare — SD image, SLD image, their download buttons, difference, heat
+    map, plot, status — with any error as one line in the status and the rest cleared."""
+    try:
+        c = demo.compare(fields, session, progress)
+    except FieldError as e:
+        return _cleared(f"Error: {e}")
+    except Exception as e:  # noqa: BLE001 — a failed generation is a message on the page, never a dead server
+        return _cleared(f"Error: the generation failed: {one_line(e)}")
+    downloads = [gr.DownloadButton(f"Download {side.upper()} PNG", value=str(c.files[side]) if c.files else None,
+                                   interactive=bool(c.files)) for side in ("sd", "sld")]
+    return (c.sd, c.sld, *downloads, c.difference, c.overlay, plot(c.diagnostics), c.summary())
+
+
+def _cleared(status: str) -> tuple:
+    downloads = [gr.DownloadButton(f"Download {side} PNG", value=None, interactive=False) for side in ("SD", "SLD")]
+    return (None, None, *downloads, None, None, None, status)
+
+
+def preset_fields(name: str) -> list:
+    """The five SLD fields for a chosen preset: its values, editable only with `custom`."""
+    return [gr.Number(value=v, interactive=name == CUSTOM) for v in preset_values(name).values()]
+
+
+def _result(label: str, elem_id: str) -> gr.Image:
+    """An output image box (shown as PNG; its own download button is off: the PNG files are the downloads)."""
+    return gr.Image(label=label, format="png", interactive=False, buttons=["fullscreen"], height=IMAGE_HEIGHT,
+                    elem_id=elem_id, elem_classes="result")
+
+
+def build(demo: Demo) -> gr.Blocks:
+    """The page: fields on the left, results on the right; Compare queues (one generation at a time)."""
+    d = demo.defaults()
+    with gr.Blocks(title="sld_minimal: SD and SLD side by side", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as page:
+        gr.Markdown(INTRO.format(model=Path(demo.pipe.name).name or demo.pipe.name))
+        f = {}  # field key -> component
+        with gr.Row():
+            with gr.Column(scale=2):
+                f["prompt"] = gr.Textbox(d["prompt"], label=LABELS["prompt"], lines=2, elem_id="prompt")
+                f["negative_prompt"] = gr.Textbox(d["negative_prompt"], label=LABELS["negative_prompt"])
+                f["preset"] = gr.Dropdown(PRESET_CHOICES, value=d["preset"], label=LABELS["preset"],
+                                          elem_id="preset", info="off: both sides plain SD; custom: the values below")
+                with gr.Accordion("SLD values and concept", open=False):
+                    with gr.Row():
+                        for k in SLD_FIELDS:
+                            f[k] = gr.Number(d[k], label=LABELS[k], interactive=False, min_width=90)
+                    f["concept"] = gr.Textbox(d["concept"], label=LABELS["concept"], lines=3,
+                                              info="the text SLD steers away from (the paper's by default)")
+                with gr.Row():
+                    f["seed"] = gr.Number(d["seed"], label=LABELS["seed"], elem_id="seed")
+                    dice = gr.Button("Random seed", size="sm")
+                with gr.Row():
+                    f["steps"] = gr.Number(d["steps"], label=LABELS["steps"], elem_id="steps",
+                                           info=f"1 to {demo.max_steps}")
+                    f["guidance"] = gr.Number(d["guidance"], label=LABELS["guidance"])
+                    f["sampler"] = gr.Dropdown(list(SAMPLERS), value=d["sampler"], label=LABELS["sampler"])
+                with gr.Row():
+                    f["width"] = gr.Number(d["width"], label=LABELS["width"], elem_id="width")
+                    f["height"] = gr.Number(d["height"], label=LABELS["height"], elem_id="height")
+                with gr.Accordion("SEGA edit (optional; on both sides)", open=False):
+                    f["edit_concept"] = gr.Textbox(d["edit_concept"], label=LABELS["edit_concept"],
+                                                   placeholder="e.g. smiling; empty: no edit")
+                    f["edit_direction"] = gr.Radio([TOWARD, AWAY], value=d["edit_direction"],
+                                                   label=LABELS["edit_direction"])
+                    with gr.Row():
+                        for k in ("edit_scale", "edit_threshold", "edit_warmup"):
+                            f[k] = gr.Number(d[k], label=LABELS[k], min_width=90)
+                with gr.Row():
+                    run = gr.Button("Compare", variant="primary", elem_id="compare")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                status = gr.Textbox(label="Status", interactive=False, elem_id="status", lines=2)
+            with gr.Column(scale=3):
+                with gr.Row():
+                    sd, sld = _result("Plain SD", "sd-image"), _result("SLD", "sld-image")
+                with gr.Row():
+                    sd_file = gr.DownloadButton("Download SD PNG", interactive=False, elem_id="sd-download")
+                    sld_file = gr.DownloadButton("Download SLD PNG", interactive=False, elem_id="sld-download")
+                with gr.Row():
+                    diff = _result("|SD − SLD| per pixel (scaled to its maximum)", "difference")
+                    heat = _result("Where SLD acted (red: share of steps, per latent pixel)", "heat")
+                curves = gr.Plot(label="SLD per step", show_label=False, format="png", elem_id="plot")
+
+        keys = {component: key for key, component in f.items()}
+
+        def on_compare(values: dict, request: gr.Request, progress=gr.Progress()):
+            report = lambda done, total, side: progress((done, total), desc=f"{side} step", unit="steps")  # noqa: E731
+            return compare_outputs(demo, {keys[c]: v for c, v in values.items()}, request.session_hash, report)
+
+        def on_cancel(request: gr.Request):
+            demo.cancel(request.session_hash)
+
+        run.click(on_compare, inputs=set(f.values()), outputs=[sd, sld, sd_file, sld_file, diff, heat, curves, status],
+                  concurrency_limit=1, concurrency_id="generate")
+        cancel.click(on_cancel, concurrency_limit=None, show_progress="hidden")
+        dice.click(random_seed, outputs=f["seed"], concurrency_limit=None, show_progress="hidden")
+        f["preset"].change(preset_fields, inputs=f["preset"], outputs=[f[k] for k in SLD_FIELDS],
+                           concurrency_limit=None, show_progress="hidden")
+    return page
+
+
+def resolve_weights(weights) -> Path:
+    """The model to serve: `--weights`, else the SD 1.4 folder under weights/ when present, else a UsageError."""
+    if weights is None:
+        if DEFAULT_WEIGHTS.exists():
+            return DEFAULT_WEIGHTS
+        raise UsageError(f"no model: {DEFAULT_WEIGHTS} not found; get SD 1.4 with `sld-minimal download` (about "
+                         f"4 GB) or try a tiny random one: `sld-minimal tiny /tmp/tiny && sld-minimal demo "
+                         f"--weights /tmp/tiny`")
+    if not Path(weights).exists():
+        raise UsageError(f"--weights {weights}: no such folder or file")
+    return Path(weights)
+
+
+def serve(weights=None, host="127.0.0.1", port=7860, device="auto", dtype="auto", max_steps=MAX_STEPS,
+          no_limits=False):
+    """Load the model once and serve the page until interrupted (Ctrl-C or SIGTERM)."""
+    from .pipeline import StableDiffusion
+
+    if not 1 <= max_steps <= 999:
+        raise UsageError(f"--max-steps must be from 1 to 999, got {max_steps}")
+    path = resolve_weights(weights)
+    device = pick_device(device)
+    pipe = StableDiffusion.from_pretrained(path, device=device, dtype=pick_dtype(dtype, device))
+    signal.signal(signal.SIGTERM, _interrupt)  # a stopped server closes cleanly and removes its files
+    with tempfile.TemporaryDirectory(prefix="sld-demo-") as out_dir:
+        page = build(Demo(pipe, out_dir, max_steps, no_limits))
+        page.queue(default_concurrency_limit=1, max_size=32)
+        page.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, pwa=False,
+                    mcp_server=False, enable_monitoring=False, footer_links=[], allowed_paths=[out_dir],
+                    max_file_size="1mb", css=CSS, theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
