@@ -88,6 +88,15 @@ def _integer(text: str) -> int:
         return int(value)
 
 
+def _uint64(text: str):
+    """An id or a seed: an integer in [0, 2^64) (`_integer`'s spellings), else None."""
+    try:
+        value = _integer(text)
+    except (ValueError, OverflowError):
+        return None
+    return value if 0 <= value < 2**64 else None
+
+
 def _number(text: str):
     """A finite float, or None."""
     try:
@@ -125,11 +134,8 @@ def read_csv(path, row_guidance: bool = False, columns: Columns = Columns()) -> 
             get = lambda role: fields.get(col[role], "") if col[role] else ""  # noqa: E731
             row_id, index = index, index + 1
             if col["id"]:
-                try:
-                    row_id = _integer(get("id"))
-                    if not 0 <= row_id < 2**64:
-                        raise ValueError
-                except ValueError:
+                row_id = _uint64(get("id"))
+                if row_id is None:
                     warn(f"{path}:{line}: record {index - 1} has {col['id']} {get('id')!r}, "
                          f"not an integer in [0, 2^64); skipped")
                     continue
@@ -143,11 +149,8 @@ def read_csv(path, row_guidance: bool = False, columns: Columns = Columns()) -> 
                 continue
             seed = row_id
             if col["seed"]:
-                try:
-                    seed = _integer(get("seed"))
-                    if not 0 <= seed < 2**64:
-                        raise ValueError
-                except ValueError:
+                seed = _uint64(get("seed"))
+                if seed is None:
                     warn(f"{path}:{line}: row {row_id} has {col['seed']} {get('seed')!r}, "
                          f"not an integer in [0, 2^64); skipped")
                     continue
