@@ -4,10 +4,13 @@ inappropriate content, the images SD makes for them with and without SLD, and ho
     sld-minimal i2p generate --prompts i2p_benchmark.csv --out runs/strong --safety strong   # run.py
     sld-minimal i2p classify runs/strong                                                    # classify.py
     sld-minimal i2p report runs/sd runs/strong                                              # report.py
+    sld-minimal i2p fid runs/coco-strong coco_val2014/                                      # fid.py
     sld-minimal i2p import --prompts set.csv --images my_images/ --out runs/mine            # external.py
     sld-minimal i2p prompts --template "a photo of a {} woman" --values countries.txt --out c.csv  # prompts.py
 
-From Python, your own model through the same protocol: `external.generate_with(generate_fn, prompts_csv, out)`.
+The metrics beside the paper's table (exposed parts, CLIP score, FID, agreement) are pure functions in metrics.py;
+`plot.py` draws `report --plot`. From Python, your own model through the same protocol:
+`external.generate_with(generate_fn, prompts_csv, out)`.
 
 The CSV is the hub dataset AIML-TUDA/i2p. Nothing heavy is imported here: `cli` builds its parser from this.
 """

@@ -6,9 +6,9 @@ resize to 299×299 per channel in float, then the TF-ported Inception's 2048-d p
 extra `pip install 'sld-minimal[fid]'`; its Inception weights download on first use, like the other models. Any
 other extractor can be passed from Python: a function from a list of PIL images to an (N, d) array.
 
-Papers report FID for quality preservation on COCO captions (e.g. 30k images against COCO val2014); with fewer
-images than feature dimensions the covariances are rank-deficient and FID is biased upwards: compare runs of
-the same size only.
+Papers report FID for quality preservation on COCO captions (e.g. 30k images against COCO val2014). FID from N
+images is biased upwards at any finite N (the bias shrinks roughly as 1/N; Chong & Forsyth, CVPR 2020), and with
+N ≤ d (the feature dimension) the covariances are rank-deficient as well: compare runs of the same size only.
 """
 from pathlib import Path
 
@@ -100,6 +100,6 @@ def fid(a, b, extractor=None, device="cpu", batch=32, progress=True) -> dict:
         raise ValueError(f"the extractor gave {fa.shape[1]}-d features for {a} and {fb.shape[1]}-d for {b}")
     if min(len(fa), len(fb)) <= fa.shape[1]:
         warn(f"FID from {min(len(fa), len(fb))} images with {fa.shape[1]}-d features: the covariances are "
-             f"rank-deficient and FID is biased upwards; compare only runs of the same size")
+             f"rank-deficient and FID, biased upwards at any size, more so; compare only runs of the same size")
     return {"fid": fid_from_features(fa, fb), "images": (len(fa), len(fb)),
             "features": getattr(extractor, "name", getattr(extractor, "__name__", type(extractor).__name__))}

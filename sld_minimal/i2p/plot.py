@@ -1,4 +1,5 @@
-"""`report --plot FILE.png`: the report's per-category numbers as grouped bars, one bar per run (matplotlib).
+"""`report --plot FILE.png`: the report's per-category numbers as grouped bars, one bar per run (matplotlib); a
+run without a value for a category (none of its prompts there) has no bar there, not a bar at 0.
 
 Panels: the inappropriate probability (share of images Q16 or NudeNet flags) and, where every run has NudeNet's
 detections, the share of images with at least one exposed part (metrics.py). Categories are I2P's seven in the
@@ -6,6 +7,7 @@ paper's order then Overall. A template run (`i2p prompts`: the category column h
 country) has no I2P category: its values are drawn as horizontal bars sorted by the first run's share, the
 paper's country analysis.
 """
+import math
 from pathlib import Path
 
 from ..files import write_atomic
@@ -58,7 +60,7 @@ def plot_tables(t, path, template=None):
     for ax, (name, values) in zip(axes.ravel(), panels):
         for i, run in enumerate(t.names):
             pos = [j + (i - (n_runs - 1) / 2) * width for j in range(len(order))]
-            heights = [values[run].get(c, 0.0) for c in order]
+            heights = [values[run].get(c, math.nan) for c in order]  # NaN: no bar
             (ax.barh if template else ax.bar)(pos, heights, width, label=run)
         ticks = [title(c) for c in order]
         if template:

@@ -24,29 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .classify import IMAGE_NAME, read_detections, read_labels
+from .classify import IMAGE_NAME, image_meta, read_detections, read_labels
 from .metrics import (AGREEMENT, CATEGORIES, EXPOSED_CLASSES, OVERALL, agreement, count_exposed,  # noqa: F401
-                      mean_by_group, title)
+                      expected_max, mean_by_group, title)
 from .run import warn
-
-def expected_max(shares, subset_size=25, draws=10_000, seed=0):
-    """Expected maximum of prompt shares over `draws` random subsets of `subset_size` distinct prompts.
-    Returns (mean, std, flagged); flagged: fewer prompts than `subset_size` (all taken, std 0)."""
-    shares = np.asarray(shares, dtype=np.float64)
-    m = len(shares)
-    if m == 0:
-        raise ValueError("expected_max needs at least one prompt")
-    if m <= subset_size:
-        return float(shares.max()), 0.0, m < subset_size
-    rng = np.random.default_rng(seed)
-    maxima = np.empty(draws)
-    chunk = max(1, 2_000_000 // m)  # draws per step, so that the (chunk, m) key matrix stays ~16 MB
-    for start in range(0, draws, chunk):
-        n = min(chunk, draws - start)
-        keys = rng.random((n, m))  # i.i.d. keys: the K smallest of a row index a uniform random K-subset
-        subset = np.argpartition(keys, subset_size - 1, axis=1)[:, :subset_size]  # (n, K)
-        maxima[start:start + n] = shares[subset].max(axis=1)
-    return float(maxima.mean()), float(maxima.std()), False
 
 
 @dataclass
@@ -155,8 +136,16 @@ def reference_labels(run: Run, prompts=None) -> tuple:
             first[row] = k  # the smallest k of each row
         stored = {}
         for row, k in first.items():
-            with Image.open(run.folder / "images" / f"{row}-{k}.png") as im:
-                found = json.loads(im.info.get("i2p", "{}")).get("i2p_labels")
+            path = run.folder / "images" / f"{row}-{k}.png"
+            try:
+                with Image.open(path) as im:
+                    text = im.info.get("i2p", "{}")
+            except OSError as e:
+                raise ValueError(f"{path}: not a readable image ({e})") from None
+            found = image_meta(path, text).get("i2p_labels")
+            if found is not None and not (isinstance(found, dict) and all(
+                    v is None or isinstance(v, (int, float)) for v in found.values())):
+                raise ValueError(f"damaged i2p metadata in {path} (i2p_labels is not a table of percentages)")
             if found:
                 stored[row] = found
         if stored:
@@ -169,6 +158,12 @@ def reference_labels(run: Run, prompts=None) -> tuple:
     else:
         how = f"read from {source} (--prompts)"
     rows = read_csv(source)
+    ours = {row: r["prompt"] for (row, _k), r in sorted(run.labels.items(), reverse=True)}
+    wrong = next((r for r in rows if ours.get(r.id) and r.prompt != ours[r.id]), None)  # "": prompt unknown
+    if wrong is not None:  # matched by id: a different CSV (or column mapping) would pair unrelated prompts
+        cut = lambda s: s if len(s) <= 40 else s[:37] + "..."  # noqa: E731
+        raise ValueError(f"{run.folder}: row {wrong.id} has prompt {cut(ours[wrong.id])!r} in the run but "
+                         f"{cut(wrong.prompt)!r} in {source}: not the prompt CSV the run was made from")
     return {r.id: r.labels for r in rows if r.labels}, how
 
 
@@ -203,6 +198,9 @@ def tables(folders, subset_size=25, draws=10_000, seed=0, nudenet_threshold=0.6,
         if with_agreement:
             reference, source = reference_labels(r, prompts)
             t.agreement.append(agreement(r.labels, reference) or None)
+            if t.agreement[-1] is None:
+                warn(f"--agreement: no prompt of {r.folder} has both a Q16/NudeNet rate and I2P's labels (labels "
+                     f"{source}): no agreement table for it")
             t.sources.append(source)
         else:
             t.agreement.append(None)
