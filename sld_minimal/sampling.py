@@ -69,18 +69,30 @@ class StepInfo:
 
 
 def sample(unet, sampler, method, latents, context, generator=None, callback=None, progress=False) -> torch.Tensor:
-    """The sampling loop: from x_T (`latents`) to x_0, the final latents. `context(name)` is a condition's text
-    embedding, (N, 77, d); `callback(info)` may return replacement latents or STOP."""
+    """The sampling loop: from x_T (`latents`) to x_0, the final latents (float32). `context(name)` is a condition's
+    text embedding, (N, 77, d); `callback(info)` may return replacement latents or STOP.
+
+    Precision: the UNet computes in its own dtype (bf16/fp16 for speed); everything the loop keeps — the latents,
+    the sampler's state (PNDM's past ε), the guidance with SLD's threshold test and momentum ν — is float32, the
+    UNet's ε cast up once per step. In bf16 (8 significant bits) the loop's own arithmetic would add rounding at every
+    step: PNDM's (55ε_t − 59ε_{t−1} + 37ε_{t−2} − 9ε_{t−3})/24 cancels terms larger than its result (in bf16 it
+    errs by ~10 units of 2^-8 where float32 errs by 1e-7), and a latent re-rounded to 8 bits at each of 50 steps
+    drifts by ~0.2 (tests/test_bf16.py). The casts cost nothing beside the UNet; for a float32 UNet they are no-ops,
+    so fp32 results are unchanged and equal the reference's. (diffusers keeps the loop in the model's dtype, so in
+    half precision the two differ by that rounding.)"""
+    model_dtype = next(unet.parameters()).dtype
+    latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
     timesteps = sampler.timesteps.tolist()
     for i, t in enumerate(_progress(timesteps, progress)):
         names = method.conditions(i, len(timesteps), t)
-        x = sampler.scale_model_input(latents, t)
-        eps = unet(torch.cat([x] * len(names)), t, torch.cat([context(n) for n in names])).chunk(len(names))
+        x = sampler.scale_model_input(latents, t).to(model_dtype)
+        eps = unet(torch.cat([x] * len(names)), t, torch.cat([context(n) for n in names]))
+        eps = eps.to(latents.dtype).chunk(len(names))                       # the model's ε, in float32
         branches = dict(zip(names, eps))                                   # condition -> ε, (N, 4, h, w) each
         eps_hat, terms = method(branches, i, len(timesteps), t)
         new = sampler.step(eps_hat, t, latents, generator=generator)
         if not torch.isfinite(new).all():
-            hint = "try --dtype fp32" if new.dtype != torch.float32 else "check the guidance settings and the weights"
+            hint = "try --dtype fp32" if model_dtype != torch.float32 else "check the guidance settings and the weights"
             raise FloatingPointError(f"the latents became NaN or infinite at step {i} (timestep {t}); {hint}")
         if callback is not None:
             reply = callback(StepInfo(i, len(timesteps), t, latents, new, eps_hat, branches, terms,
@@ -91,7 +103,7 @@ def sample(unet, sampler, method, latents, context, generator=None, callback=Non
                 if not (isinstance(reply, torch.Tensor) and reply.shape == new.shape):
                     raise ValueError(f"a callback returns None, STOP or latents of shape {tuple(new.shape)}, "
                                      f"got {reply!r:.80}")
-                new = reply
+                new = reply.to(latents.dtype)
         latents = new
     return latents
 

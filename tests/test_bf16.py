@@ -142,3 +142,92 @@ def test_bf16_matches_the_reference_in_bf16(ckpt, component):
     assert errs["ours16-ref16"] <= tol, errs
     assert errs["ours16-ours32"] <= tol and errs["ref16-ref32"] <= tol, errs
     assert errs["ours16-ours32"] <= RATIO * errs["ref16-ref32"], errs
+
+
+# ---------------------------------------------------------------- what runs in which dtype (sampling.sample)
+
+def test_the_loop_keeps_float32_while_the_unet_runs_bf16(tiny_ckpt):
+    """bf16 UNet, float32 latents, ε, guidance terms (SLD's μ, γ, ν) and sampler state; images are float32."""
+    pipe = StableDiffusion.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    unet_inputs, seen = [], []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: unet_inputs.append((args[0].dtype, args[2].dtype)))
+
+    def watch(info):
+        tensors = [info.latents, info.next_latents, info.eps, *info.branches.values()]
+        tensors += [t for v in info.terms.values() for t in (v if isinstance(v, (list, tuple)) else [v])
+                    if isinstance(t, torch.Tensor)]
+        seen.append({t.dtype for t in tensors})
+    try:
+        out = pipe("a cat", num_inference_steps=4, safety="max", seed=0, progress=False, callback=watch)
+    finally:
+        hook.remove()
+    assert set(unet_inputs) == {(torch.bfloat16, torch.bfloat16)}
+    assert len(seen) == 5 and all(s == {torch.float32} for s in seen)  # PNDM: 4 steps, 5 UNet calls
+    assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
+
+
+def test_bf16_arithmetic_would_add_error_that_float32_does_not():
+    """The numbers in sampling.sample's docstring: given the UNet's bf16 ε, PNDM's 4th-order combination and 50
+    latent updates computed in float32 err by ~1e-7 and ~2e-6 (against float64), in bf16 by ~10·2^-8 and ~0.2."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4096, generator=g)
+    eps = [(base + 0.1 * torch.randn(4096, generator=g)).bfloat16() for _ in range(4)]  # successive steps' ε
+    combo = lambda e: (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24  # noqa: E731
+    truth = combo([e.double() for e in eps])
+    assert (combo([e.float() for e in eps]).double() - truth).abs().max() < 1e-6
+    assert (combo(eps).double() - truth).abs().max() > 5 * 2**-8
+    x = torch.randn(4096, generator=g)
+    x16, x32, x64 = x.bfloat16(), x.clone(), x.double()
+    for _ in range(50):
+        e = torch.randn(4096, generator=g).bfloat16()
+        x16, x32, x64 = 0.99 * x16 + 0.05 * e, 0.99 * x32 + 0.05 * e.float(), 0.99 * x64 + 0.05 * e.double()
+    assert (x32.double() - x64).abs().max() < 1e-5 and (x16.double() - x64).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------- generate: the bf16 hint, --vae-fp32
+
+@pytest.mark.parametrize("feature, dtype, noted", [("avx512_bf16", "auto", True), ("amx_bf16", "auto", True),
+                                                    ("avx512_bf16", "fp32", False), (None, "auto", False)])
+def test_generate_notes_native_bf16_once(tiny_ckpt, tmp_path, capsys, monkeypatch, feature, dtype, noted):
+    monkeypatch.setattr(cli, "native_bf16", lambda: feature)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    code = cli.main(["generate", "a cat", "--weights", str(tiny_ckpt), "--out", str(tmp_path / "a.png"),
+                     "--steps", "1", "--dtype", dtype])
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note: this CPU computes bf16 natively")]
+    assert code == 0 and len(notes) == int(noted)
+    if noted:
+        assert f"({feature}): --dtype bf16 is {cli.BF16_SPEEDUP} faster" in notes[0]
+
+
+def test_vae_fp32_flag(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    loaded = []
+    original = StableDiffusion.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(original(cls, *args, **kwargs))
+        return loaded[-1]
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", classmethod(spy))
+    code = cli.main(["generate", "a cat", "--weights", str(tiny_ckpt), "--out", str(tmp_path / "a.png"),
+                     "--steps", "1", "--dtype", "bf16", "--vae-fp32", "--quiet"])
+    assert code == 0 and (tmp_path / "a.png").exists()
+    assert loaded[0].dtype == torch.bfloat16 and loaded[0].vae.post_quant_conv.weight.dtype == torch.float32
+    code = cli.main(["generate", "a cat", "--weights", str(tiny_ckpt), "--out", str(tmp_path / "b.png"),
+                     "--dtype", "fp32", "--vae-fp32", "--quiet"])
+    assert code == 2 and "--vae-fp32 keeps the VAE in fp32 when --dtype is bf16 or fp16" in capsys.readouterr().err
+    assert len(loaded) == 1
+
+
+def test_native_bf16_reads_cpuinfo(monkeypatch, tmp_path):
+    import builtins
+
+    from sld_minimal import cli_common
+
+    real_open = builtins.open
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
+    for flags, expected in [("fpu avx2 avx512f avx512_bf16", "avx512_bf16"), ("fpu amx_bf16 avx512_bf16", "amx_bf16"),
+                            ("fpu avx2 fma", None)]:
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cli_common.native_bf16() == expected
