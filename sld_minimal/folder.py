@@ -20,7 +20,7 @@ from torch import nn
 from .noise_schedule import SchedulerConfig
 from .unet import ResnetBlock2D
 from .vae import VAEAttention, VAEConfig
-from .weights import MODELS, PICKLE_SUFFIXES, WeightsError, build, read_config, read_state_dict
+from .weights import MODELS, PICKLE_SUFFIXES, WeightsError, build, read_config, read_json, read_state_dict
 
 STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}  # weights files
 # SD 1.4's scheduler/scheduler_config.json (less `_diffusers_version`): its training noise schedule, and the default
@@ -93,12 +93,7 @@ def load_component(folder, component: str, device="cpu", dtype=torch.float32, co
 
 def load_scheduler_config(folder) -> dict:
     path = Path(folder) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        raise WeightsError(f"{path} is missing; the model folder is incomplete — download it again")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path} is not valid JSON ({e}); download it again") from None
+    config = read_json(path)
     try:  # checked now, not at the first generation
         SchedulerConfig.from_dict(config)
     except ValueError as e:

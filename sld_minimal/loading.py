@@ -48,16 +48,15 @@ def load_model(path, device="cpu", dtype=torch.float32, configs=None, tokenizer=
 def read_configs(path) -> tuple[dict, dict]:
     """({component: config}, scheduler config dict) of a model folder or single file, every value type-checked,
     without reading a weight: what the command line validates a request against before loading."""
-    if is_single_file(path):
-        configs, scheduler_config = single_file_configs(path)
-    else:
+    if not is_single_file(path):
         folder = check_folder(path)
         for c in MODELS:
             if not (folder / c).is_dir():
                 raise WeightsError(f"{folder / c} is missing; the model folder is incomplete — download it again "
                                    f"(`sld-minimal download`)")
         configs = {c: read_config(MODELS[c][1], folder / c / "config.json") for c in MODELS}
-        scheduler_config = load_scheduler_config(folder)
+        return configs, load_scheduler_config(folder)  # which checks the scheduler config
+    configs, scheduler_config = single_file_configs(path)
     try:
         SchedulerConfig.from_dict(scheduler_config)
     except ValueError as e:

@@ -35,13 +35,17 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")  # refused by name, n
 def read_config(cls, path: Path):
     """A frozen config dataclass from a `config.json`: known keys are read, missing ones keep the SD 1.4
     defaults, unknown ones are ignored; keys that change the architecture beyond SD 1.x are refused."""
+    return config_from_dict(cls, read_json(path), path)
+
+
+def read_json(path: Path):
+    """A model folder's JSON file, parsed; a WeightsError naming it if it is missing or not JSON."""
     if not path.is_file():
         raise WeightsError(f"{path} is missing; the model folder is incomplete — download it again")
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path} is not valid JSON ({e}); download it again") from None
-    return config_from_dict(cls, raw, path)
 
 
 def config_from_dict(cls, raw: dict, source):
