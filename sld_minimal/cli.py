@@ -55,7 +55,7 @@ def cmd_generate(a):
 
     from .guidance import Edit
     from .loading import read_configs
-    from .pipeline import StableDiffusion, output_paths
+    from .pipeline import StableDiffusion, model_size, output_paths
 
     if a.quiet:  # nothing but errors: no warnings, no progress, no notes
         import warnings
@@ -92,8 +92,8 @@ def cmd_generate(a):
             print(f"{weights} not found: downloading Stable Diffusion 1.4 there first.", file=sys.stderr)
         download(weights, fp16=str(dtype) == "torch.float16", quiet=a.quiet)  # the fp16 files only for fp16
     configs, _ = read_configs(weights)  # every config file checked; no weight read yet
-    factor = 2 ** (len(configs["vae"].block_out_channels) - 1)
-    default = configs["unet"].sample_size * factor  # the model's own size: 512 for SD 1.4
+    factor = configs["vae"].factor
+    default = model_size(configs["unet"], configs["vae"])  # the model's own size: 512 for SD 1.4
     height, width = a.height or default, a.width or default
     for flag, v in (("--height", height), ("--width", width)):
         if v % factor:

@@ -27,6 +27,11 @@ from .sampling import STOP, StepInfo, initial_latents, sample  # noqa: F401  (th
 
 
 
+def model_size(unet_config, vae_config) -> int:
+    """The image size a model was trained at: the UNet's `sample_size` × the VAE factor (64 × 8 = 512 for SD 1.4)."""
+    return unet_config.sample_size * vae_config.factor
+
+
 class _Default:
     """`safety=` not given: the medium preset, and no conflict with `method=`."""
 
@@ -98,13 +103,13 @@ class StableDiffusion:
 
     @property
     def vae_factor(self) -> int:
-        """Image pixels per latent pixel: the VAE doubles the size per level after the first, 8 for SD 1.x."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Image pixels per latent pixel (8 for SD 1.x)."""
+        return self.vae.config.factor
 
     @property
     def default_size(self) -> int:
-        """The image size the model was trained at: UNet `sample_size` × the VAE factor (512 for SD 1.4)."""
-        return self.unet.config.sample_size * self.vae_factor
+        """The image size the model was trained at (512 for SD 1.4): see `model_size`."""
+        return model_size(self.unet.config, self.vae.config)
 
     def latent_shape(self, n: int, height: int, width: int) -> tuple:
         """(n, 4, h, w) for images of height × width."""

@@ -25,6 +25,11 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215  # latents were scaled by this to unit variance before diffusion training
 
+    @property
+    def factor(self) -> int:
+        """Image pixels per latent pixel: the decoder doubles the size per level after the first (8 for SD 1.x)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
 
 class VAEAttention(nn.Module):
     """Single-head self-attention over the h·w positions, with a GroupNorm in front and the input added back."""

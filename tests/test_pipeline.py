@@ -3,7 +3,6 @@
 Two levels: (1) the *loop* — our pipeline driving the oracle's own UNet, text encoder and VAE, so that scheduler,
 guidance and batching are compared alone; (2) end to end with our own modules loaded from the same files."""
 import dataclasses
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from sld_minimal.testing import rel_err
 from sld_minimal import guidance as G
 from sld_minimal.guidance import Edit, SafetyConfig
 from sld_minimal.pipeline import StableDiffusion
+from sld_minimal.vae import VAEConfig
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -46,7 +46,7 @@ class OracleVAE(nn.Module):
     def __init__(self, vae):
         super().__init__()
         self.ref, self.post_quant_conv = vae, vae.post_quant_conv
-        self.config = SimpleNamespace(block_out_channels=vae.config.block_out_channels)
+        self.config = VAEConfig(block_out_channels=tuple(vae.config.block_out_channels))  # the pipeline reads its factor
 
     def forward(self, latents):
         return (self.ref.decode(latents / 0.18215).sample / 2 + 0.5).clamp(0, 1)
