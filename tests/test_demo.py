@@ -251,6 +251,13 @@ def test_the_command_without_a_model_says_how_to_get_one(page_module, tmp_path, 
     assert main(["demo", "--weights", str(tmp_path / "nowhere")]) == 2
     assert "no such folder or file" in capsys.readouterr().err
     assert main(["demo", "--weights", str(tmp_path), "--max-steps", "1000"]) == 2
+    capsys.readouterr()
+    for device in ("cpu", "auto"):  # refused before any file is read (tmp_path holds no model)
+        if device == "auto" and torch.cuda.is_available():
+            continue
+        assert main(["demo", "--weights", str(tmp_path), "--device", device, "--dtype", "fp16"]) == 2
+        assert capsys.readouterr().err == ("sld-minimal: error: fp16 is not accelerated on the CPU: "
+                                           "use --dtype bf16 or fp32\n")
 
 
 def test_the_package_imports_and_the_command_answers_without_gradio():
