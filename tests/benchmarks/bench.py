@@ -50,6 +50,11 @@ What is measured, and how:
   before and after every UNet forward, median of all), measured in the same subprocess. "page faults / call" counts
   the minor faults of one forward. The latent size is `--size` over the VAE's factor, 2^(levels − 1) from its
   config.json (8 for SD 1.x).
+* What attention allows: both sides compute attention with `F.scaled_dot_product_attention` (on the CPU, PyTorch's
+  flash kernel, whose speed no Python code around it changes). "attention alone" times that call at every shape
+  of one forward (`attention_calls`), in the same subprocess; "ceiling" is the fraction of the matmul rate the
+  forward would reach if its convolutions and matmuls ran at the matmul rate and nothing else took any time. A
+  target above the ceiling needs a faster attention kernel, not a faster UNet around it.
 * Targets (`TARGETS`): each applies where the run's settings match it (size, steps, safety, dtypes, and
   `--vs-diffusers` for a ratio to diffusers), and prints met or MISSED. The bf16 targets are for CPUs with native
   bf16.
@@ -260,8 +265,9 @@ def run_unet(a) -> dict:
             unet_s.append(timed(lambda: forward(x, T, ctx)))
             faults.append(page_faults() - f0)
         matmul_s += [timed(lambda: m1 @ m2) for _ in range(5)]
+        attention_s = time_attention(cfg, lat, a.device, dtype, timed)
     return {"unet_call_s": unet_s, "matmul_s": matmul_s, "matmul_dtype": str(m1.dtype).removeprefix("torch."),
-            "faults": faults, "peak_rss_gib": peak_rss_gib(), "versions": versions()}
+            "attention_s": attention_s, "faults": faults, "peak_rss_gib": peak_rss_gib(), "versions": versions()}
 
 
 def versions() -> dict:
@@ -284,10 +290,9 @@ def unet_flops(weights: Path, size: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sld_minimal.weights import read_config
-    from sld_minimal.unet import UNet2DConditionModel, UNetConfig
+    from sld_minimal.unet import UNet2DConditionModel
 
-    cfg = read_config(UNetConfig, weights / "unet" / "config.json")
+    cfg = read_unet_config(weights)
     h = w = size // latent_factor(weights)
     with torch.device("meta"):
         unet = UNet2DConditionModel(cfg)
@@ -304,22 +309,47 @@ def unet_flops(weights: Path, size: int) -> dict:
             "total": (conv_linear + attention) / 1e9}
 
 
-def attention_flops(cfg, batch, h, w, n_text) -> int:
-    """Σ over attention layers of 4·B·N_q·N_kv·C (QKᵀ and AV, 2 FLOPs per multiply-add; heads·d = C): each spatial
-    transformer has a self-attention (N_kv = N_q = h·w at its level) and a cross-attention (N_kv = 77 tokens)."""
-    total, sizes = 0, []
-    for level, kind in enumerate(cfg.down_block_types):  # the (h, w) of every level, as the down path halves it
+def read_unet_config(weights: Path):
+    from sld_minimal.unet import UNetConfig
+    from sld_minimal.weights import read_config
+
+    return read_config(UNetConfig, weights / "unet" / "config.json")
+
+
+def attention_calls(cfg, batch, h, w, n_text) -> list:
+    """The UNet's attention products at latent (h, w), as (calls, B, heads, N_q, N_kv, C) with heads·d = C: each
+    spatial transformer has a self-attention (N_kv = N_q = h·w at its level) and a cross-attention (N_kv = the
+    n_text tokens); SD 1.x's `attention_head_dim` is the number of heads (see unet.UNetConfig)."""
+    sizes = []
+    for _ in cfg.down_block_types:  # the (h, w) of every level, as the down path halves it
         sizes.append((h, w))
         h, w = (h + 1) // 2, (w + 1) // 2  # stride-2 conv with padding 1
-    per_level = [(cfg.layers_per_block if k.startswith("CrossAttn") else 0) for k in cfg.down_block_types]
+    down = [(cfg.layers_per_block if k.startswith("CrossAttn") else 0) for k in cfg.down_block_types]
     up = [(cfg.layers_per_block + 1 if k.startswith("CrossAttn") else 0) for k in cfg.up_block_types][::-1]
-    for level, ((hl, wl), c) in enumerate(zip(sizes, cfg.block_out_channels)):
-        n = hl * wl
-        layers = per_level[level] + up[level]
-        total += layers * 4 * batch * c * (n * n + n * n_text)
-    hm, wm = sizes[-1]
-    c = cfg.block_out_channels[-1]
-    return total + 4 * batch * c * (hm * wm * hm * wm + hm * wm * n_text)  # the mid block's transformer
+    levels = [(d + u, hl * wl, c) for d, u, (hl, wl), c in zip(down, up, sizes, cfg.block_out_channels)]
+    levels.append((1, sizes[-1][0] * sizes[-1][1], cfg.block_out_channels[-1]))  # the mid block's transformer
+    heads = cfg.attention_head_dim
+    return [(n, batch, heads, hw, kv, c) for n, hw, c in levels if n for kv in (hw, n_text)]
+
+
+def attention_flops(cfg, batch, h, w, n_text) -> int:
+    """Σ over attention calls of 4·B·N_q·N_kv·C (QKᵀ and AV, 2 FLOPs per multiply-add)."""
+    return sum(n * 4 * b * nq * nkv * c for n, b, _, nq, nkv, c in attention_calls(cfg, batch, h, w, n_text))
+
+
+def time_attention(cfg, lat: int, device, dtype, timed) -> float:
+    """Seconds of one UNet forward's attention alone: F.scaled_dot_product_attention, the kernel that both sides
+    call, at every shape of `attention_calls` (random q, k, v; median of 3 after a warm-up) times its calls."""
+    import torch
+    import torch.nn.functional as F
+
+    total = 0.0
+    for n, b, heads, nq, nkv, c in attention_calls(cfg, 3, lat, lat, 77):
+        q = torch.randn(b, heads, nq, c // heads, device=device, dtype=dtype)
+        k, v = (torch.randn(b, heads, nkv, c // heads, device=device, dtype=dtype) for _ in range(2))
+        timed(lambda: F.scaled_dot_product_attention(q, k, v))
+        total += n * sorted(timed(lambda: F.scaled_dot_product_attention(q, k, v)) for _ in range(3))[1]
+    return total
 
 
 # ================================================================ the orchestrator
@@ -468,7 +498,11 @@ def unet_stats(flops: dict, results: list) -> dict:
     unet_s = med([t for r in results for t in r["unet_call_s"]])
     matmul = med([2 * MATMUL_N**3 / t / 1e9 for r in results for t in r["matmul_s"]])
     achieved = flops["total"] / unet_s
+    attention_s = med([r["attention_s"] for r in results])
+    # the fraction this UNet would reach if all but its attention ran at the matmul rate and took no other time
+    ceiling = flops["total"] / (flops["conv_linear"] / matmul + attention_s) / matmul
     return {"unet_call_s": unet_s, "gflops": achieved, "matmul_gflops": matmul, "fraction": achieved / matmul,
+            "attention_s": attention_s, "ceiling": ceiling,
             "faults_k": med([f for r in results for f in r["faults"]]) / 1e3,
             "peak_rss_gib": med([r["peak_rss_gib"] for r in results]), "matmul_dtype": results[0]["matmul_dtype"],
             "matmuls_per_run": len(results[0]["matmul_s"])}
@@ -479,20 +513,26 @@ def unet_report(a, dtype: str, flops: dict, ours: dict, ref: dict | None) -> lis
     mm = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(ours["matmul_dtype"], ours["matmul_dtype"])
     sides = [("sld_minimal", ours)] + ([("diffusers", ref)] if ref else [])
     lines = [f"| UNet forward, batch 3, {a.size}×{a.size} px ({lat}×{lat} latent), {dtype} | s / call | GFLOP/s "
-             f"| {mm} matmul GFLOP/s | fraction of the {mm} matmul rate | page faults / call (k) | peak RSS (GiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| {mm} matmul GFLOP/s | fraction of the {mm} matmul rate | attention alone (s) | ceiling "
+             f"| page faults / call (k) | peak RSS (GiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, st in sides:
         lines.append(f"| {name} | {fmt(st['unet_call_s'])} | {st['gflops']:.1f} | {st['matmul_gflops']:.1f} | "
-                     f"**{st['fraction']:.0%}** | {st['faults_k']:.0f} | {fmt(st['peak_rss_gib'])} |")
+                     f"**{st['fraction']:.0%}** | {fmt(st['attention_s'])} | {st['ceiling']:.0%} | "
+                     f"{st['faults_k']:.0f} | {fmt(st['peak_rss_gib'])} |")
     if ref:
-        lines.append(f"| ours / diffusers | {ours['unet_call_s'] / ref['unet_call_s']:.3f} | | | | | "
+        lines.append(f"| ours / diffusers | {ours['unet_call_s'] / ref['unet_call_s']:.3f} | | | | | | | "
                      f"{ours['peak_rss_gib'] / ref['peak_rss_gib']:.3f} |")
     lines += ["", f"FLOPs per forward: {flops['total']:.1f} GFLOP = {flops['conv_linear']:.1f} convolutions and "
               f"matmuls (torch FlopCounterMode) + {flops['attention']:.1f} attention (4·B·N_q·N_kv·C, analytic; "
               f"the counter saw {flops['attention_seen_by_counter']:.1f} of it on the meta device). Matmul rate: {mm} "
               f"{MATMUL_N}×{MATMUL_N} @ {MATMUL_N}×{MATMUL_N}, median of {ours['matmuls_per_run']} per run, "
               f"measured in the same subprocess between the UNet calls ({a.unet_calls} timed calls per run "
-              f"after one warm-up). Peak RSS: the UNet-only subprocess (load, the forwards and the matmuls)."]
+              f"after one warm-up). Attention alone: F.scaled_dot_product_attention at the forward's attention "
+              f"shapes, timed in the same subprocess; ceiling: the fraction the forward would reach if its "
+              f"convolutions and matmuls ran at the matmul rate and nothing else took time, "
+              f"FLOPs / (conv_linear / matmul rate + attention alone) / matmul rate. Peak RSS: the UNet-only "
+              f"subprocess (load, the forwards and the matmuls)."]
     return lines
 
 
@@ -522,6 +562,7 @@ def cross_report(a, dtypes: list, gen: dict, unet: dict) -> list:
     if unet:
         rows += [("UNet forward, batch 3 (s, UNet part)", "unet", "unet_call_s"),
                  ("UNet, fraction of the same dtype's matmul rate", "unet", "fraction"),
+                 ("UNet, ceiling with this attention kernel (see the UNet table)", "unet", "ceiling"),
                  ("peak RSS, UNet part (GiB)", "unet", "peak_rss_gib")]
 
     def value(part, key, side, d):
@@ -535,11 +576,12 @@ def cross_report(a, dtypes: list, gen: dict, unet: dict) -> list:
              + " | ".join(f"{name[s]} {d}" for s, d in cols) + "".join(f" | {r[0]}" for r in ratios) + " |",
              "|---|" + "---:|" * (len(cols) + len(ratios))]
     for label, part, key in rows:
-        cells = [fmt(value(part, key, s, d)) if key != "fraction" else
+        share = key in ("fraction", "ceiling")
+        cells = [fmt(value(part, key, s, d)) if not share else
                  (f"{value(part, key, s, d):.0%}" if value(part, key, s, d) is not None else "–") for s, d in cols]
         for _, (ns, nd), (ds, dd) in ratios:
             n, m = value(part, key, ns, nd), value(part, key, ds, dd)
-            cells.append(fmt(n / m) if n is not None and m not in (None, 0) and key != "fraction" else "")
+            cells.append(fmt(n / m) if n is not None and m not in (None, 0) and not share else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
