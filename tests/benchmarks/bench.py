@@ -51,10 +51,11 @@ What is measured, and how:
   the minor faults of one forward. The latent size is `--size` over the VAE's factor, 2^(levels − 1) from its
   config.json (8 for SD 1.x).
 * What attention allows: both sides compute attention with `F.scaled_dot_product_attention` (on the CPU, PyTorch's
-  flash kernel, whose speed no Python code around it changes). "attention alone" times that call at every shape
-  of one forward (`attention_calls`), in the same subprocess; "ceiling" is the fraction of the matmul rate the
-  forward would reach if its convolutions and matmuls ran at the matmul rate and nothing else took any time. A
-  target above the ceiling needs a faster attention kernel, not a faster UNet around it.
+  flash kernel, which the code around it can hardly speed up). "attention alone" times that call, on contiguous
+  inputs (its fastest case), at every shape of one forward (`attention_calls`), in the same subprocess; "ceiling"
+  is the fraction of the matmul rate the forward would reach if its convolutions and matmuls ran at the matmul
+  rate and nothing else took any time. A target above the ceiling needs a faster attention kernel, not a faster
+  UNet around it.
 * Targets (`TARGETS`): each applies where the run's settings match it (size, steps, safety, dtypes, and
   `--vs-diffusers` for a ratio to diffusers), and prints met or MISSED. The bf16 targets are for CPUs with native
   bf16.
