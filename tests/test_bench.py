@@ -65,3 +65,14 @@ def test_a_short_run_reports_every_column(tiny_ckpt, tmp_path):
         st = bench.unet_stats(raw["flops"], [r])
         assert st["ceiling"] == pytest.approx(raw["flops"]["total"] / (raw["flops"]["conv_linear"] / st["matmul_gflops"]
                                                                        + r["attention_s"]) / st["matmul_gflops"])
+
+
+def test_the_profile_script_lists_operators_and_attention_shapes(tiny_ckpt):
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "benchmarks" / "profile_unet.py"), "--weights",
+                          str(tiny_ckpt), "--size", "64", "--dtype", "fp32", "--top", "5"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("UNet forward, batch 3, 64 px, fp32") and len(lines[1:6]) == 5
+    assert lines[6] == "attention calls by shape (self CPU time, calls):"
+    assert any("aten::_scaled_dot_product" in line and "q (3, " in line for line in lines[7:])
