@@ -62,9 +62,19 @@ def test_a_short_run_reports_every_column(tiny_ckpt, tmp_path):
     for dtype in ("fp32", "bf16"):
         (r,) = raw["unet"][f"ours-{dtype}"]
         assert r["attention_s"] > 0 and len(r["unet_call_s"]) == 1
-        st = bench.unet_stats(raw["flops"], [r])
-        assert st["ceiling"] == pytest.approx(raw["flops"]["total"] / (raw["flops"]["conv_linear"] / st["matmul_gflops"]
-                                                                       + r["attention_s"]) / st["matmul_gflops"])
+        assert 0 < bench.unet_stats(raw["flops"], [r])["ceiling"] <= 1
+
+
+def test_the_ceiling_by_hand():
+    """100 GFLOP per forward, 80 of them convolutions and matmuls, a matmul rate of 40 GFLOP/s and 1 s of attention:
+    at best 80 / 40 + 1 = 3 s, i.e. 100 / 3 GFLOP/s, 5/6 of the matmul rate; a 5 s forward reaches 1/2 of it."""
+    flops = {"total": 100.0, "conv_linear": 80.0, "attention": 20.0}
+    matmul_s = 2 * bench.MATMUL_N**3 / 40e9  # one 2048² product at 40 GFLOP/s
+    run = {"unet_call_s": [5.0], "matmul_s": [matmul_s] * 3, "attention_s": 1.0, "faults": [0], "peak_rss_gib": 1.0,
+           "matmul_dtype": "float32"}
+    st = bench.unet_stats(flops, [run])
+    assert st["matmul_gflops"] == pytest.approx(40.0)
+    assert st["ceiling"] == pytest.approx(5 / 6) and st["fraction"] == pytest.approx(0.5)
 
 
 def test_the_profile_script_lists_operators_and_attention_shapes(tiny_ckpt):
