@@ -77,7 +77,7 @@ def test_the_ceiling_by_hand():
     assert st["ceiling"] == pytest.approx(5 / 6) and st["fraction"] == pytest.approx(0.5)
 
 
-def test_the_profile_script_lists_operators_and_attention_shapes(tiny_ckpt):
+def test_the_profile_script_lists_operators_attention_shapes_and_layer_rates(tiny_ckpt):
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "benchmarks" / "profile_unet.py"), "--weights",
                           str(tiny_ckpt), "--size", "64", "--dtype", "fp32", "--top", "5"],
                          capture_output=True, text=True, timeout=600)
@@ -86,3 +86,8 @@ def test_the_profile_script_lists_operators_and_attention_shapes(tiny_ckpt):
     assert lines[0].startswith("UNet forward, batch 3, 64 px, fp32") and len(lines[1:6]) == 5
     assert lines[6] == "attention calls by shape (self CPU time, calls):"
     assert any("aten::_scaled_dot_product" in line and "q (3, " in line for line in lines[7:])
+    # the hooks' FLOPs (2 per multiply-add of every convolution and linear layer) equal torch's counter's
+    (layers,) = [line for line in lines if line.startswith("convolutions and linear layers")]
+    counted = bench.unet_flops(tiny_ckpt, 64)["conv_linear"]
+    assert f": {counted:.1f} GFLOP in " in layers, (layers, counted)
+    assert lines[-1].startswith("the fastest shape: ")

@@ -54,8 +54,8 @@ What is measured, and how:
   flash kernel, which the code around it can hardly speed up). "attention alone" times that call, on contiguous
   inputs (its fastest case), at every shape of one forward (`attention_calls`), in the same subprocess; "ceiling"
   is the fraction of the matmul rate the forward would reach if its convolutions and matmuls ran at the matmul
-  rate and nothing else took any time. A target above the ceiling needs a faster attention kernel, not a faster
-  UNet around it.
+  rate and nothing else took any time. It is a guide, not a hard bound: large 3×3 convolutions can run faster
+  than the 2048² matmul (`profile_unet.py` gives the rate of every convolution and linear layer shape).
 * Targets (`TARGETS`): each applies where the run's settings match it (size, steps, safety, dtypes, and
   `--vs-diffusers` for a ratio to diffusers), and prints met or MISSED. The bf16 targets are for CPUs with native
   bf16.

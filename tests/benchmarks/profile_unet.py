@@ -1,5 +1,6 @@
 """Where one UNet forward spends its time, by operator: torch.profiler's self CPU time around one forward of
-sld_minimal's UNet (batch 3, after two warm-ups), with the attention calls broken down by shape.
+sld_minimal's UNet (batch 3, after two warm-ups), with the attention calls broken down by shape; then, from one
+forwards without the profiler (median of 3), the FLOP rate of each convolution and linear layer shape (forward hooks).
 
     python tests/benchmarks/profile_unet.py --weights /tmp/sd14_random --size 256 --dtype bf16
 
@@ -7,12 +8,14 @@ The profiler adds its own overhead (printed: the forward's time with and without
 section quotes this output; `bench.py` gives the timings without a profiler.
 """
 import argparse
+import statistics
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's sld_minimal, installed or not
@@ -61,6 +64,47 @@ def main(argv=None):
     print("attention calls by shape (self CPU time, calls):")
     for (op, shape), (sec, n) in sorted(attention.items(), key=lambda kv: -kv[1][0]):
         print(f"  {sec:7.3f} s  ×{n}  {shape}  {op}")
+    with torch.inference_mode():
+        layers = layer_rates(unet, x, t, ctx)
+    seconds, gflop = sum(v[0] for v in layers.values()), sum(v[1] for v in layers.values())
+    print(f"convolutions and linear layers (timed by forward hooks): {gflop:.1f} GFLOP in {seconds:.2f} s, "
+          f"{gflop / seconds:.0f} GFLOP/s; by shape (time, calls, GFLOP/s):")
+    for (kind, shape, out, kernel), (sec, gf, n) in sorted(layers.items(), key=lambda kv: -kv[1][0])[:a.top]:
+        print(f"  {sec:7.3f} s  ×{n:<2d} {gf / sec:5.0f}  {kind} {shape} -> {out}" + (f", {kernel}" if kernel else ""))
+    (kind, shape, out, kernel), (sec, gf, n) = max(layers.items(), key=lambda kv: kv[1][1] / kv[1][0])
+    print(f"the fastest shape: {gf / sec:.0f} GFLOP/s, {kind} {shape} -> {out}" + (f", {kernel}" if kernel else ""))
+
+
+def layer_rates(unet, x, t, ctx, forwards=3) -> dict:
+    """{(kind, input shape, out features, kernel): [seconds, GFLOP, calls]} per forward, each nn.Conv2d and
+    nn.Linear call timed from its pre-hook to its hook (FLOPs: 2 per multiply-add, from the output's size); the
+    seconds are the median over `forwards` forwards."""
+    runs = []
+    start = {}
+
+    def pre(module, args):
+        start[module] = time.perf_counter()
+
+    def post(module, args, out):
+        sec = time.perf_counter() - start.pop(module)
+        conv = isinstance(module, nn.Conv2d)
+        fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1] if conv else module.in_features
+        kernel = f"{module.kernel_size[0]}×{module.kernel_size[1]}/{module.stride[0]}" if conv else ""
+        key = ("conv" if conv else "linear", tuple(args[0].shape), out.shape[1 if conv else -1], kernel)
+        runs[-1][key][0] += sec
+        runs[-1][key][1] += 2 * out.numel() * fan_in / 1e9
+        runs[-1][key][2] += 1
+
+    hooks = [h for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+             for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        for _ in range(forwards):
+            runs.append(defaultdict(lambda: [0.0, 0.0, 0]))
+            unet(x, t, ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {key: [statistics.median(r[key][0] for r in runs), gf, n] for key, (_, gf, n) in runs[0].items()}
 
 
 if __name__ == "__main__":
