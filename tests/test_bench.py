@@ -1,4 +1,5 @@
-"""tests/benchmarks/bench.py: its FLOP formula against torch's counter, and one short run of the whole tool.
+"""tests/benchmarks/bench.py and profile_unet.py: their FLOP formulas against torch's counter and by hand, the
+ceiling on a worked case, and one short run of each tool.
 
 The timings themselves are not tested (they depend on the machine); what is tested is that the figures the
 benchmark divides by are right and that the report it prints has every column README's table takes from it.

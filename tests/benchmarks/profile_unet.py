@@ -1,6 +1,6 @@
 """Where one UNet forward spends its time, by operator: torch.profiler's self CPU time around one forward of
-sld_minimal's UNet (batch 3, after two warm-ups), with the attention calls broken down by shape; then, from one
-forwards without the profiler (median of 3), the FLOP rate of each convolution and linear layer shape (forward hooks).
+sld_minimal's UNet (batch 3, after two warm-ups), with the attention calls broken down by shape; then, from three
+forwards without the profiler (medians), the FLOP rate of each convolution and linear layer shape (forward hooks).
 
     python tests/benchmarks/profile_unet.py --weights /tmp/sd14_random --size 256 --dtype bf16
 
@@ -69,10 +69,16 @@ def main(argv=None):
     seconds, gflop = sum(v[0] for v in layers.values()), sum(v[1] for v in layers.values())
     print(f"convolutions and linear layers (timed by forward hooks): {gflop:.1f} GFLOP in {seconds:.2f} s, "
           f"{gflop / seconds:.0f} GFLOP/s; by shape (time, calls, GFLOP/s):")
-    for (kind, shape, out, kernel), (sec, gf, n) in sorted(layers.items(), key=lambda kv: -kv[1][0])[:a.top]:
-        print(f"  {sec:7.3f} s  ×{n:<2d} {gf / sec:5.0f}  {kind} {shape} -> {out}" + (f", {kernel}" if kernel else ""))
-    (kind, shape, out, kernel), (sec, gf, n) = max(layers.items(), key=lambda kv: kv[1][1] / kv[1][0])
-    print(f"the fastest shape: {gf / sec:.0f} GFLOP/s, {kind} {shape} -> {out}" + (f", {kernel}" if kernel else ""))
+    for key, (sec, gf, n) in sorted(layers.items(), key=lambda kv: -kv[1][0])[:a.top]:
+        print(f"  {sec:7.3f} s  ×{n:<2d} {gf / sec:5.0f}  {label(key)}")
+    key, (sec, gf, n) = max(layers.items(), key=lambda kv: kv[1][1] / kv[1][0])
+    print(f"the fastest shape: {gf / sec:.0f} GFLOP/s, {label(key)}")
+
+
+def label(key) -> str:
+    """A `layer_rates` key as text: "conv (3, 320, 32, 32) -> 320, 3×3/1" or "linear (3, 1024, 320) -> 2560"."""
+    kind, shape, out, kernel = key
+    return f"{kind} {shape} -> {out}" + (f", {kernel}" if kernel else "")
 
 
 def layer_rates(unet, x, t, ctx, forwards=3) -> dict:
