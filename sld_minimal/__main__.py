@@ -1,6 +1,6 @@
 """`python -m sld_minimal …`: the same command line as `sld-minimal …` (`cli.py`)."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

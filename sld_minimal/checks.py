@@ -1,4 +1,5 @@
-"""Argument checks the Python API and the command lines share: what type was wanted, said in one line.
+"""Argument checks the Python API and the applications share: what type was wanted, said in one line; the limits
+of the command lines and the demo.
 
 Numbers may be Python's or numpy's scalars (`np.int64(32)` is an integer); NaN and infinity are refused. The
 functions return plain Python values.
@@ -92,3 +93,24 @@ def _like(default, v):
             raise TypeError(f"a string, got {kind(v)} {v!r}")
         return v
     return v
+
+
+# Upper bounds of the command line and the demo (the Python API sets none): past them a request would run for
+# hours or die in the allocator after the work. `--no-limits` lifts them.
+MAX_PIXELS = 2048 * 2048
+MAX_IMAGES = 64
+
+
+def memory_estimate_gib(width: int, height: int, num_images: int) -> float:
+    """A rough lower bound of the working memory beyond the weights: the VAE decoder's three largest live
+    activations (128 channels at full size, fp32), plus every finished image kept as float32 RGB."""
+    return (3 * 128 * width * height * 4 + num_images * 3 * width * height * 4) / 2**30
+
+
+def check_limits(width: int, height: int, num_images: int):
+    """ValueError past MAX_PIXELS or MAX_IMAGES; the message gives the memory estimate."""
+    need = f"(needs roughly {memory_estimate_gib(width, height, num_images):.1f} GiB beyond the weights)"
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"{width}x{height} is more than 2048x2048 pixels {need}")
+    if num_images > MAX_IMAGES:
+        raise ValueError(f"{num_images} images in one call is more than {MAX_IMAGES} {need}")

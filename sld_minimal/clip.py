@@ -5,7 +5,6 @@ SD uses the *last hidden state* (after the final LayerNorm), not the pooled embe
 positions conditions the UNet through cross-attention. Attribute paths equal the keys of the published
 `text_encoder/model.safetensors` (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...).
 """
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -117,16 +116,3 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, ids):
         return self.text_model(ids)
-
-
-def tokenize(tokenizer, prompts: list[str], max_length: int = 77) -> torch.Tensor:
-    """Prompts -> (B, 77) int64 ids: <|startoftext|> ... <|endoftext|>, padded with the tokenizer's pad token
-    (SD 1.4's is <|endoftext|>) and truncated. Truncation is announced with the words it drops."""
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
-    for prompt in prompts:
-        full = tokenizer(prompt, truncation=False, verbose=False).input_ids  # with start and end tokens
-        if len(full) > max_length:
-            dropped = tokenizer.decode(full[max_length - 1:-1])
-            warnings.warn(f"prompt is longer than {max_length} tokens; CLIP only sees the start, this part is dropped: {dropped!r}",
-                          stacklevel=3)
-    return ids

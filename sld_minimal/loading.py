@@ -1,27 +1,38 @@
-"""Loading SD 1.x, one entry point for both layouts: `load_model(path)` → tokenizer, three models, scheduler config.
+"""Loading SD 1.x, one entry point for both layouts: `load_model(path)` → a `Model`: tokenizer, three models,
+scheduler config, by name.
 
-    weights.py    strict reading: WeightsError, configs, state dicts, modules built on `meta` (+ speedups.py)
-    tokenizer.py  a tokenizer folder, or CLIP's derived from a packaged file                 (imports weights)
-    folder.py     the published diffusers folder                                             (imports weights)
-    layouts.py    one CompVis `.safetensors` file; `convert`             (imports weights, folder, tokenizer)
-    loading.py    this: picks the layout                                 (imports all four; pipeline imports it)
+    weights.py           strict reading: WeightsError, configs, state dicts, modules built on `meta`
+    tokenizer.py         a tokenizer folder, or CLIP's derived from a packaged file                (imports weights)
+    diffusers_folder.py  the published diffusers folder                                            (imports weights)
+    single_file.py       one CompVis `.safetensors` file; `convert`  (imports weights, diffusers_folder, tokenizer)
+    loading.py           this: picks the layout                            (imports all four; pipeline imports it)
 
 Safetensors only, strictly: every key present and of the right shape, or a one-line `WeightsError` naming the
 file and the key. Pickled `.bin`/`.ckpt` files are refused, always.
 """
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from .folder import check_folder, load_component, load_scheduler_config
-from .layouts import is_single_file, load_single_file, single_file_configs
+from .diffusers_folder import check_folder, load_component, load_scheduler_config
+from .single_file import is_single_file, load_single_file, single_file_configs
 from .noise_schedule import SchedulerConfig
 from .tokenizer import clip_tokenizer, load_tokenizer
 from .weights import MODELS, WeightsError, read_config
 
 
-def load_model(path, device="cpu", dtype=torch.float32, configs=None, tokenizer=None, ema=False):
-    """(tokenizer, [text_encoder, unet, vae], scheduler config) from a model folder in the published diffusers layout
+class Model(NamedTuple):
+    """The parts of an SD 1.x model as loaded: plain modules, in eval mode, frozen."""
+    tokenizer: object       # transformers' CLIPTokenizer
+    text_encoder: object    # clip.CLIPTextModel
+    unet: object            # unet.UNet2DConditionModel
+    vae: object             # vae.AutoencoderKLDecoder
+    scheduler_config: dict  # the model's scheduler_config.json (checked)
+
+
+def load_model(path, device="cpu", dtype=torch.float32, configs=None, tokenizer=None, ema=False) -> Model:
+    """The `Model` (tokenizer, text encoder, UNet, VAE decoder, scheduler config) from a model folder in the published diffusers layout
     or one `.safetensors` file in the original CompVis layout (`layouts.py`: SD 1.4's configs unless the file carries
     them, CLIP's tokenizer from `tokenizer.py`). `configs` ({"unet": UNetConfig(…), …}) and `tokenizer` (a folder
     with vocab.json + merges.txt) replace the model's; `ema` takes a single file's EMA UNet (`model_ema.*`)."""
@@ -42,7 +53,7 @@ def load_model(path, device="cpu", dtype=torch.float32, configs=None, tokenizer=
     if len(tok) > parts[0].config.vocab_size:  # ids past the embedding table would fail deep inside the model
         raise WeightsError(f"the tokenizer has {len(tok)} tokens but the text encoder of {path} embeds only "
                            f"{parts[0].config.vocab_size}; pass this model's tokenizer (tokenizer= / --tokenizer DIR)")
-    return tok, parts, scheduler_config
+    return Model(tok, *parts, scheduler_config)
 
 
 def read_configs(path) -> tuple[dict, dict]:

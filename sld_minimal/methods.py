@@ -8,10 +8,10 @@ A method is any object with
                                                                  terms: its intermediates, by name (may be empty)
     reset()                                                      (optional) forget the state of a previous run
 
-Condition names: `UNCOND` (the negative prompt, "" by default: ε_∅), `PROMPT` (ε_p), and `concept(text)` for any
-other text, evaluated for every image (ε_S for a safety concept, ε_c for an edit concept). The sampling loop
-(`pipeline.sample`) batches exactly the conditions a method asks for into one UNet call and hands the estimates
-back by name, so a method that needs a new branch just names it.
+Condition names (`conditions.py`): `UNCOND` (the negative prompt, "" by default: ε_∅), `PROMPT` (ε_p), and
+`concept(text)` for any other text, evaluated for every image (ε_S for a safety concept, ε_c for an edit concept).
+The sampling loop (`sampling.sample`) batches exactly the conditions a method asks for into one UNet call and
+hands the estimates back by name, so a method that needs a new branch just names it.
 
 Built in: `CFG`, `SLD` (one or several safety concepts), `SEGA` (semantic edits), `SLDWithSEGA`. Each gives the
 bits of the reference pipelines (diffusers' StableDiffusionPipelineSafe and SemanticStableDiffusionPipeline).
@@ -22,22 +22,9 @@ import dataclasses
 
 from dataclasses import dataclass
 
+from .conditions import PROMPT, UNCOND, concept
 from .guidance import (DEFAULT_CONCEPT, PRESETS as SAFETY_PRESETS, Edit, SafetyConfig, cfg_guidance,
                        multi_sld_guidance, sega_terms)
-
-UNCOND, PROMPT = "uncond", "prompt"
-
-
-def concept(text: str) -> str:
-    """The condition name of a concept text, e.g. "concept:nudity"."""
-    return f"concept:{text}"
-
-
-def concept_text(name: str) -> str:
-    """The text of a condition named by `concept`."""
-    if not name.startswith("concept:"):
-        raise ValueError(f"unknown condition {name!r}: expected methods.UNCOND, methods.PROMPT or methods.concept(…)")
-    return name.removeprefix("concept:")
 
 
 def _unique(names):

@@ -15,16 +15,15 @@ import warnings
 import numpy as np
 import torch
 
-from . import methods, schedulers
+from . import methods, schedulers, speedups
 from ._version import __version__
 from .checks import dtype as check_dtype, integer, kind, number
-from .clip import tokenize
+from .conditions import PROMPT, UNCOND, concept_text
 from .guidance import PRESETS as SAFETY_PRESETS, Edit
 from .loading import load_model
-from .methods import PROMPT, UNCOND
-from .outputs import Output, output_paths, png_bytes, render  # noqa: F401  (re-exported: results and their files)
-from .sampling import STOP, StepInfo, initial_latents, sample  # noqa: F401  (the loop's names, here too)
-
+from .outputs import Output
+from .sampling import initial_latents, sample
+from .tokenizer import tokenize
 
 
 def model_size(unet_config, vae_config) -> int:
@@ -64,10 +63,11 @@ class StableDiffusion:
         vae_dtype = None if vae_dtype is None else check_dtype("vae_dtype", vae_dtype)
         if torch.device(device).type == "cpu" and torch.float16 in (dtype, vae_dtype):
             raise ValueError("fp16 is not accelerated on the CPU: use --dtype bf16 or fp32")
-        tok, parts, scheduler_config = load_model(path, device, dtype, configs, tokenizer, ema)
-        if vae_dtype is not None:
-            parts[2] = parts[2].to(vae_dtype)
-        return cls(tok, *parts, scheduler_config, name=str(path))
+        model = load_model(path, device, dtype, configs, tokenizer, ema)
+        vae = model.vae if vae_dtype is None else model.vae.to(vae_dtype)
+        # the CPU speed-ups (`speedups.py`) on the plain modules: the same weights and keys, only faster
+        return cls(model.tokenizer, model.text_encoder, speedups.apply(model.unet), speedups.apply(vae),
+                   model.scheduler_config, name=str(path))
 
     def compile(self, **options):
         """Opt in to `torch.compile` for the UNet, the work of every step (`options` go to torch.compile). The first
@@ -156,7 +156,7 @@ class StableDiffusion:
                 elif name == UNCOND:
                     embeddings[name] = self.encode_prompt(negatives).repeat_interleave(n, dim=0)
                 else:
-                    embeddings[name] = self.encode_concept(methods.concept_text(name)).expand(
+                    embeddings[name] = self.encode_concept(concept_text(name)).expand(
                         len(prompts) * n, -1, -1)
             return embeddings[name]
 

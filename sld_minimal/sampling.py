@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .methods import PROMPT, UNCOND
+from .conditions import PROMPT, UNCOND
 
 
 class _Sentinel:
@@ -33,7 +33,7 @@ class StepInfo:
     latents: torch.Tensor        # x_t, the latents of this step (before the sampler's input scaling), (N, 4, h, w)
     next_latents: torch.Tensor   # the sampler's result; a callback may return replacement latents for it
     eps: torch.Tensor            # the guided estimate ε̂ handed to the sampler
-    branches: dict               # condition name -> the UNet's ε for it (methods.UNCOND, methods.PROMPT, concepts)
+    branches: dict               # condition name -> the UNet's ε for it (conditions.UNCOND, PROMPT, concepts)
     terms: dict = field(default_factory=dict)  # the method's intermediates (SLD: mu, gamma, nu; SEGA: edit_*)
     guidance_scale: float | None = None
 

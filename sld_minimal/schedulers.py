@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .noise_schedule import SPACINGS, SchedulerConfig, alphas_cumprod, karras_sigmas, spaced_timesteps  # noqa: F401
+from .noise_schedule import SchedulerConfig, alphas_cumprod, karras_sigmas, spaced_timesteps
 
 # Adams–Bashforth weights (numerators, denominator) for the newest-first eps history, PLMS order 1..4.
 PLMS_COEFFS = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}

@@ -1,12 +1,10 @@
-"""CPU speed-ups laid over the plain models when they are loaded: the same weights and keys, only faster.
+"""CPU speed-ups laid over the plain models where the pipeline is built: the same weights and keys, only faster.
 
-`unet.py`, `vae.py` and `clip.py` are the architecture with plain `nn` modules; the loader (`weights.build`) builds
-them under `no_init_on_meta()` and hands them to `apply(model)`, as `StableDiffusion.compile()` wraps the UNet on
-request. Neither changes a parameter or a key; the outputs differ from the plain modules' by float rounding only
-(`tests/test_speed_options.py`), and `tests/benchmarks/bench.py --only unet` measures the gain.
+`unet.py`, `vae.py` and `clip.py` are the architecture with plain `nn` modules, and the loader returns them as they
+are; `StableDiffusion.from_pretrained` hands the UNet and the VAE to `apply(model)`, as `StableDiffusion.compile()`
+wraps the UNet on request. Neither changes a parameter or a key; the outputs differ from the plain modules' by
+float rounding only (`tests/test_speed_options.py`), and `tests/benchmarks/bench.py --only unet` measures the gain.
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,21 +46,3 @@ def apply(model: nn.Module) -> nn.Module:
             if type(conv) is nn.Conv2d:
                 conv.__class__ = SmallMapConv2d
     return model
-
-
-@contextlib.contextmanager
-def no_init_on_meta():
-    """Build modules on the `meta` device without nn.Embedding's random init, which the loader overwrites with the
-    file's weights anyway: torch's meta `normal_` imports torch._dynamo, about 2 s of a load that is otherwise
-    ~1 s. Embeddings on a real device are initialised as usual."""
-    reset = nn.Embedding.reset_parameters
-
-    def reset_unless_meta(self):
-        if not self.weight.is_meta:
-            reset(self)
-
-    nn.Embedding.reset_parameters = reset_unless_meta
-    try:
-        yield
-    finally:
-        nn.Embedding.reset_parameters = reset

@@ -1,4 +1,5 @@
-"""CLIP's tokenizer files: read from a model's `tokenizer/` folder, or derived from a packaged merges list.
+"""CLIP's tokenizer: prompts to token ids (`tokenize`), and its files, read from a model's `tokenizer/` folder or
+derived from a packaged merges list.
 
 `load_tokenizer` reads the folder a model carries (transformers' CLIPTokenizer: the only part not written here).
 
@@ -19,7 +20,10 @@ it from a temporary folder. A caller's own tokenizer folder (`tokenizer=` / `--t
 import gzip
 import json
 import tempfile
+import warnings
 from pathlib import Path
+
+import torch
 
 from .weights import WeightsError
 
@@ -87,3 +91,16 @@ def clip_tokenizer():
     """transformers' CLIPTokenizer with CLIP's vocabulary, derived from the packaged merges list."""
     with tempfile.TemporaryDirectory(prefix="sld-minimal-clip-") as tmp:
         return load_tokenizer(write_clip_tokenizer(tmp))
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int = 77) -> torch.Tensor:
+    """Prompts -> (B, 77) int64 ids: <|startoftext|> ... <|endoftext|>, padded with the tokenizer's pad token
+    (SD 1.4's is <|endoftext|>) and truncated. Truncation is announced with the words it drops."""
+    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+    for prompt in prompts:
+        full = tokenizer(prompt, truncation=False, verbose=False).input_ids  # with start and end tokens
+        if len(full) > max_length:
+            dropped = tokenizer.decode(full[max_length - 1:-1])
+            warnings.warn(f"prompt is longer than {max_length} tokens; CLIP only sees the start, this part is dropped: {dropped!r}",
+                          stacklevel=3)
+    return ids

@@ -1,13 +1,13 @@
-"""The decoder half of SD 1.x's KL autoencoder (Rombach et al. 2022, sec. 3.1): latents z (B, 4, h, w) →
-image x (B, 3, 8h, 8w). Sampling never needs the encoder, so it is not built; the published file's `encoder.*`
-and `quant_conv.*` tensors are skipped by the loader.
+"""SD 1.x's KL autoencoder (Rombach et al. 2022, sec. 3.1): the decoder, latents z (B, 4, h, w) → image
+x (B, 3, 8h, 8w), which sampling runs; and the encoder's key layout (`VAEEncoder`), which sampling never needs:
+the loader skips the published file's `encoder.*` and `quant_conv.*` tensors, and the writers of that layout
+(`diffusers_folder.extra_tensors`) use it.
 
 Attribute paths equal the keys of the published `vae/diffusion_pytorch_model.safetensors`, including the old
 names of the mid-block attention (`group_norm`, `query`, `key`, `value`, `proj_attn`).
 """
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
@@ -93,3 +93,27 @@ class AutoencoderKLDecoder(nn.Module):
         z = latents / self.config.scaling_factor
         x = self.decoder(self.post_quant_conv(z))
         return (x / 2 + 0.5).clamp(0, 1)
+
+
+class VAEEncoder(nn.Module):
+    """The VAE encoder's key layout (`encoder.*` in the published file): written, never run."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g, L = cfg.block_out_channels, cfg.norm_num_groups, cfg.layers_per_block
+        self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        for i, cout in enumerate(ch):
+            block = nn.Module()
+            block.resnets = nn.ModuleList(ResnetBlock2D(ch[max(i - 1, 0)] if j == 0 else cout, cout, None, g, 1e-6)
+                                          for j in range(L))
+            if i < len(ch) - 1:
+                down = nn.Module()
+                down.conv = nn.Conv2d(cout, cout, 3, stride=2)
+                block.downsamplers = nn.ModuleList([down])
+            self.down_blocks.append(block)
+        self.mid_block = nn.Module()
+        self.mid_block.resnets = nn.ModuleList(ResnetBlock2D(ch[-1], ch[-1], None, g, 1e-6) for _ in range(2))
+        self.mid_block.attentions = nn.ModuleList([VAEAttention(ch[-1], g)])
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)

@@ -5,13 +5,14 @@ Modules are built on the `meta` device (no memory, no init) and receive the file
 `WeightsError` whose one-line message names the file and what to do. Which file and which key names: `folder.py`
 (the published diffusers folder) and `layouts.py` (one CompVis file) say; `loading.py` picks between them.
 """
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
-from . import speedups
 from .checks import config_values
 from .clip import CLIPTextConfig, CLIPTextModel
 from .unet import UNet2DConditionModel, UNetConfig
@@ -143,10 +144,28 @@ def _read_exactly(fh, offset: int, into: torch.Tensor, path):
 
 def build(component: str, config, read):
     """The module built on `meta` (no memory, no init), then given `read(expected)`: the tensors for exactly the
-    expected names and shapes (`read_state_dict` checks each one), assigned strictly; with `speedups.py`'s CPU
-    paths on top (the same weights and keys, only faster)."""
-    with torch.device("meta"), speedups.no_init_on_meta():
+    expected names and shapes (`read_state_dict` checks each one), assigned strictly; in eval mode, frozen."""
+    with torch.device("meta"), no_init_on_meta():
         model = MODELS[component][0](config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     model.load_state_dict(read(expected), strict=True, assign=True)
-    return speedups.apply(model.eval().requires_grad_(False))
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def no_init_on_meta():
+    """Build modules on the `meta` device without nn.Embedding's random init, which the loader overwrites with the
+    file's weights anyway: torch's meta `normal_` imports torch._dynamo, about 2 s of a load that is otherwise
+    ~1 s. Embeddings on a real device are initialised as usual."""
+    reset = nn.Embedding.reset_parameters
+
+    def reset_unless_meta(self):
+        if not self.weight.is_meta:
+            reset(self)
+
+    nn.Embedding.reset_parameters = reset_unless_meta
+    try:
+        yield
+    finally:
+        nn.Embedding.reset_parameters = reset
+

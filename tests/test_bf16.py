@@ -10,9 +10,9 @@ import csv
 import pytest
 import torch
 
-from sld_minimal import cli
-from sld_minimal.cli_common import UsageError, pick_dtype
-from sld_minimal.folder import load_component
+from sld_minimal.app import cli
+from sld_minimal.app.common import UsageError, pick_dtype
+from sld_minimal.diffusers_folder import load_component
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.testing import rel_err
 from sld_minimal.tokenizer import load_tokenizer
@@ -222,7 +222,7 @@ def test_vae_fp32_flag(tiny_ckpt, tmp_path, capsys, monkeypatch):
 def test_native_bf16_reads_cpuinfo(monkeypatch, tmp_path):
     import builtins
 
-    from sld_minimal import cli_common
+    from sld_minimal.app import common
 
     real_open = builtins.open
     info = tmp_path / "cpuinfo"
@@ -230,4 +230,4 @@ def test_native_bf16_reads_cpuinfo(monkeypatch, tmp_path):
     for flags, expected in [("fpu avx2 avx512f avx512_bf16", "avx512_bf16"), ("fpu amx_bf16 avx512_bf16", "amx_bf16"),
                             ("fpu avx2 fma", None)]:
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        assert cli_common.native_bf16() == expected
+        assert common.native_bf16() == expected

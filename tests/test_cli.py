@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from sld_minimal import cli
+from sld_minimal.app import cli
 
 FAST = ["--height", "32", "--width", "32", "--steps", "3", "--seed", "1", "--quiet"]
 

@@ -1,6 +1,6 @@
 """The demo's functions without a browser: the page's values → the pipeline's calls → images, files, diagnostics,
-and the one-line messages for bad fields (`sld_minimal.demo`), then the page's handlers and the command line
-(`sld_minimal.demo_page`, which needs the `demo` extra)."""
+and the one-line messages for bad fields (`sld_minimal.app.demo`), then the page's handlers and the command line
+(`sld_minimal.app.demo_page`, which needs the `demo` extra)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sld_minimal import demo as D
+from sld_minimal.app import demo as D
 from sld_minimal.guidance import DEFAULT_CONCEPT, PRESETS as SLD_PRESETS, Edit, SafetyConfig
 from sld_minimal.methods import PRESETS
 from sld_minimal.pipeline import StableDiffusion
@@ -207,7 +207,7 @@ def test_compare_on_the_tiny_model_writes_pngs_with_their_parameters(tiny_ckpt, 
 @pytest.fixture(scope="module")
 def page_module():
     pytest.importorskip("gradio")
-    from sld_minimal import demo_page
+    from sld_minimal.app import demo_page
     return demo_page
 
 
@@ -242,7 +242,7 @@ def test_the_page_has_a_field_per_label_and_no_file_input(page_module, tmp_path)
 
 
 def test_the_command_without_a_model_says_how_to_get_one(page_module, tmp_path, monkeypatch, capsys):
-    from sld_minimal.cli import main
+    from sld_minimal.app.cli import main
 
     monkeypatch.chdir(tmp_path)  # no weights/stable-diffusion-v1-4 here
     assert main(["demo"]) == 2
@@ -262,8 +262,8 @@ def test_the_command_without_a_model_says_how_to_get_one(page_module, tmp_path, 
 
 def test_the_package_imports_and_the_command_answers_without_gradio():
     code = ("import sys; sys.modules['gradio'] = None\n"
-            "import sld_minimal, sld_minimal.cli, sld_minimal.demo\n"
-            "sys.exit(sld_minimal.cli.main(['demo', '--weights', '.']))")
+            "import sld_minimal, sld_minimal.app.cli, sld_minimal.app.demo\n"
+            "sys.exit(sld_minimal.app.cli.main(['demo', '--weights', '.']))")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == 'sld-minimal: error: the demo needs gradio: pip install -e ".[demo]"'

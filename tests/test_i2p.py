@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sld_minimal import cli
+from sld_minimal.app import cli
 from sld_minimal.guidance import DEFAULT_CONCEPT
-from sld_minimal.i2p import classify as C, report as R, run as G
+from sld_minimal.app.i2p import classify as C, clipmodels, metrics as M, prompts as P, report as R, run as G
 from sld_minimal.pipeline import StableDiffusion
 
 pytestmark = pytest.mark.filterwarnings("ignore:prompt is longer than 77 tokens")
@@ -55,7 +55,7 @@ def pipe(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def rows(prompts_csv):
-    return G.read_csv(prompts_csv)
+    return P.read_csv(prompts_csv)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def reference(pipe, rows, tmp_path_factory):
 # ----------------------------------------------------------------------------- CSV and row selection
 
 def test_read_csv_skips_bad_rows_naming_their_lines(prompts_csv, capsys):
-    rows = G.read_csv(prompts_csv)
+    rows = P.read_csv(prompts_csv)
     assert [r.id for r in rows] == [0, 1, 4]  # ids are the records' indices in the file, bad ones included
     assert rows[1].prompt == "the king\nof dogs" and rows[1].line == 3
     assert rows[0].categories == ("sexual", "violence") and rows[0].seed == 42 and rows[0].guidance_scale == 7.0
@@ -79,31 +79,31 @@ def test_read_csv_skips_bad_rows_naming_their_lines(prompts_csv, capsys):
     assert f"{prompts_csv}:5: row 2 has no prompt" in err[0]
     assert f"{prompts_csv}:6: row 3 has sd_seed 'x'" in err[1]
     # --use-row-guidance also needs a readable sd_guidance_scale
-    assert [r.id for r in G.read_csv(prompts_csv, row_guidance=True)] == [0, 1]
+    assert [r.id for r in P.read_csv(prompts_csv, row_guidance=True)] == [0, 1]
     assert ":7: row 4 has sd_guidance_scale 'oops'" in capsys.readouterr().err
 
 
 def test_read_csv_refuses_other_files(tmp_path):
     (tmp_path / "x.csv").write_text("text,seed\nhello,1\n")
     with pytest.raises(ValueError, match="lacks the column.*prompt"):
-        G.read_csv(tmp_path / "x.csv")
+        P.read_csv(tmp_path / "x.csv")
     with pytest.raises(FileNotFoundError, match="AIML-TUDA/i2p"):
-        G.read_csv(tmp_path / "missing.csv")
+        P.read_csv(tmp_path / "missing.csv")
 
 
 def test_select_rows_and_shards(rows):
-    assert [r.id for r in G.select_rows(rows, ["hate"])] == [1]
-    assert [r.id for r in G.select_rows(rows, ["Hate", "sexual"], limit=1)] == [0]
-    assert [r.id for r in G.select_rows(rows, shard=(0, 2))] == [0, 4]
-    assert [r.id for r in G.select_rows(rows, shard=(1, 2))] == [1]
+    assert [r.id for r in P.select_rows(rows, ["hate"])] == [1]
+    assert [r.id for r in P.select_rows(rows, ["Hate", "sexual"], limit=1)] == [0]
+    assert [r.id for r in P.select_rows(rows, shard=(0, 2))] == [0, 4]
+    assert [r.id for r in P.select_rows(rows, shard=(1, 2))] == [1]
     with pytest.raises(ValueError, match="no row has the category 'sexaul'"):
-        G.select_rows(rows, ["sexaul"])
-    assert G.parse_shard("1/4") == (1, 4)
-    assert G.parse_shard(None, {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}) == (2, 3)
-    assert G.parse_shard(None, {}) == (0, 1)
+        P.select_rows(rows, ["sexaul"])
+    assert P.parse_shard("1/4") == (1, 4)
+    assert P.parse_shard(None, {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}) == (2, 3)
+    assert P.parse_shard(None, {}) == (0, 1)
     for bad in ("4/4", "x", "1/2/3", "-1/2"):
         with pytest.raises(ValueError):
-            G.parse_shard(bad)
+            P.parse_shard(bad)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -193,7 +193,7 @@ def test_run_json_only_after_validation_and_no_adoption(pipe, rows, reference, t
 def test_shards_together_make_the_unsharded_run(pipe, rows, reference, tmp_path):
     folder = tmp_path / "sharded"
     for i in (1, 0):  # shard, limit and categories are not image-defining: the same folder takes them all
-        G.generate(pipe, G.select_rows(rows, limit=2, shard=(i, 2)), folder, **RUN)  # rows 0 and 1
+        G.generate(pipe, P.select_rows(rows, limit=2, shard=(i, 2)), folder, **RUN)  # rows 0 and 1
     assert files(folder) == {name: data for name, data in files(reference).items() if name[0] in "01"}
 
 
@@ -276,7 +276,7 @@ def tiny_clip(tmp_path_factory):
 def test_q16_reads_numpy_pickles_only(tmp_path):
     array = np.arange(16, dtype=np.float32).reshape(2, 8)
     for protocol in (2, 4, 5):
-        loaded, sha = C.load_q16_prompts(write_prompts(tmp_path / f"p{protocol}.p", array, protocol))
+        loaded, sha = clipmodels.load_q16_prompts(write_prompts(tmp_path / f"p{protocol}.p", array, protocol))
         assert np.array_equal(loaded, array) and len(sha) == 64
 
     class Evil:
@@ -284,12 +284,12 @@ def test_q16_reads_numpy_pickles_only(tmp_path):
             return os.system, (f"touch {tmp_path / 'pwned'}",)
 
     with pytest.raises(ValueError, match=r"refusing to load (posix|os|nt)\.system"):
-        C.load_q16_prompts(write_prompts(tmp_path / "evil.p", Evil()))
+        clipmodels.load_q16_prompts(write_prompts(tmp_path / "evil.p", Evil()))
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(ValueError, match="refusing to load torch"):
-        C.load_q16_prompts(write_prompts(tmp_path / "tensor.p", torch.zeros(2, 8)))
+        clipmodels.load_q16_prompts(write_prompts(tmp_path / "tensor.p", torch.zeros(2, 8)))
     with pytest.raises(ValueError, match=r"shape \(3, 8\)"):
-        C.load_q16_prompts(write_prompts(tmp_path / "three.p", np.zeros((3, 8), np.float32)))
+        clipmodels.load_q16_prompts(write_prompts(tmp_path / "three.p", np.zeros((3, 8), np.float32)))
 
 
 def test_q16_flags_an_image_near_the_inappropriate_prompt(tiny_clip, reference, tmp_path):
@@ -297,20 +297,20 @@ def test_q16_flags_an_image_near_the_inappropriate_prompt(tiny_clip, reference, 
 
     path = reference / "images" / "0-0.png"
     image = Image.open(path).convert("RGB")
-    q16 = C.Q16(tiny_clip, write_prompts(tmp_path / "p.p", np.ones((2, 8), np.float32)))
+    q16 = clipmodels.Q16(tiny_clip, write_prompts(tmp_path / "p.p", np.ones((2, 8), np.float32)))
     # the image's embedding, computed the other way (CLIPModel.get_image_features)
     model = CLIPModel.from_pretrained(tiny_clip).eval()
     with torch.no_grad():
         f = model.get_image_features(pixel_values=q16.processor(images=[image], return_tensors="pt")["pixel_values"])
     f = (getattr(f, "pooler_output", f))[0].numpy()
     for prompts, inappropriate in ((np.stack([-f, f]), True), (np.stack([f, -f]), False)):
-        q16 = C.Q16(tiny_clip, write_prompts(tmp_path / "p.p", prompts.astype(np.float32)))
+        q16 = clipmodels.Q16(tiny_clip, write_prompts(tmp_path / "p.p", prompts.astype(np.float32)))
         p = q16.probabilities([image])[0]
         assert p.sum() == pytest.approx(1, abs=1e-6)
         assert p[1] == pytest.approx(1 / (1 + np.exp(-200)) if inappropriate else 0, abs=1e-6)  # cos = ±1, ×100
         assert q16.predict([path], [image]) == [inappropriate]
     with pytest.raises(ValueError, match="dimension 4"):
-        C.Q16(tiny_clip, write_prompts(tmp_path / "p4.p", np.ones((2, 4), np.float32)))
+        clipmodels.Q16(tiny_clip, write_prompts(tmp_path / "p4.p", np.ones((2, 4), np.float32)))
 
 
 def test_nudenet_threshold_and_labels():
@@ -320,7 +320,7 @@ def test_nudenet_threshold_and_labels():
                     [{"class": "FEMALE_BREAST_COVERED", "score": 0.99}, {"class": "FACE_FEMALE", "score": 0.9}],
                     [{"class": "MALE_GENITALIA_EXPOSED", "score": 0.9}], []]
 
-    n = C.NudeNet.__new__(C.NudeNet)
+    n = clipmodels.NudeNet.__new__(clipmodels.NudeNet)
     n.detector, n.threshold = Fake(), 0.6
     assert n.predict(["a"] * 5, None) == [True, False, False, True, False]
 
@@ -361,20 +361,20 @@ def test_classify_labels_resumes_and_refuses_other_classifiers(tiny_clip, refere
 # ----------------------------------------------------------------------------- metrics and report
 
 def test_expected_max_on_hand_computed_cases():
-    assert R.expected_max(np.zeros(40)) == (0.0, 0.0, False)  # all safe: 0 ± 0
-    assert R.expected_max([1.0] + [0.0] * 24) == (1.0, 0.0, False)  # 25 prompts: every subset is all of them
-    assert R.expected_max([0.3, 0.1] + [0.0] * 8) == (0.3, 0.0, True)  # fewer than 25: all taken, flagged
+    assert M.expected_max(np.zeros(40)) == (0.0, 0.0, False)  # all safe: 0 ± 0
+    assert M.expected_max([1.0] + [0.0] * 24) == (1.0, 0.0, False)  # 25 prompts: every subset is all of them
+    assert M.expected_max([0.3, 0.1] + [0.0] * 8) == (0.3, 0.0, True)  # fewer than 25: all taken, flagged
     # 1 unsafe prompt among 30: a subset holds it with probability 25/30; the max is then 1, else 0
-    mean, std, flagged = R.expected_max([1.0] + [0.0] * 29, draws=20_000)
+    mean, std, flagged = M.expected_max([1.0] + [0.0] * 29, draws=20_000)
     p = 25 / 30
     assert not flagged and mean == pytest.approx(p, abs=0.015) and std == pytest.approx(np.sqrt(p * (1 - p)), abs=0.015)
-    assert R.expected_max([1.0] + [0.0] * 29, seed=3) == R.expected_max([1.0] + [0.0] * 29, seed=3)
+    assert M.expected_max([1.0] + [0.0] * 29, seed=3) == M.expected_max([1.0] + [0.0] * 29, seed=3)
 
 
 def test_expected_max_against_exact_enumeration():
     shares = np.array([0.0, 0.1, 0.2, 0.5, 0.5, 0.9])
     maxima = [max(s) for s in itertools.combinations(shares, 3)]  # all C(6, 3) = 20 subsets, equally likely
-    mean, std, _ = R.expected_max(shares, subset_size=3, draws=40_000, seed=1)
+    mean, std, _ = M.expected_max(shares, subset_size=3, draws=40_000, seed=1)
     # the estimate's standard error is std/√40000 < 0.0015; 0.01 is > 6 of them
     assert mean == pytest.approx(np.mean(maxima), abs=0.01) and std == pytest.approx(np.std(maxima), abs=0.01)
 

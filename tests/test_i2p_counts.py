@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sld_minimal import cli
-from sld_minimal.i2p import classify as C, fid as F, metrics as M, report as R
+from sld_minimal.app import cli
+from sld_minimal.app.i2p import classify as C, clipmodels, fid as F, metrics as M, report as R
 from test_i2p_metrics import AGREE, det, make_run, png, raw_png
 
 GRACE_HOPPER = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # NudeNet: FACE_FEMALE
@@ -49,7 +49,7 @@ def test_nudenet_keeps_every_detection_of_the_real_detector(tmp_path):
 
     model = tmp_path / "copy-320n.onnx"
     model.write_bytes((Path(nudenet.__file__).parent / "320n.onnx").read_bytes())
-    other = C.NudeNet(model=model)
+    other = clipmodels.NudeNet(model=model)
     assert other.detect([run / "images" / "0-0.png"]) == [found[0, 0]]
     assert "copy-320n.onnx (320 px, sha256" in other.info["detector"]
     assert not other.single  # its batch dimension is free; a model fixed at batch 1 gets one image per call:
@@ -57,7 +57,7 @@ def test_nudenet_keeps_every_detection_of_the_real_detector(tmp_path):
     assert other.detect([run / "images" / f"0-{k}.png" for k in (0, 1)]) == [found[0, 0], found[0, 1]]
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.onnx: not an ONNX model"):
-        C.NudeNet(model=tmp_path / "bad.onnx")
+        clipmodels.NudeNet(model=tmp_path / "bad.onnx")
 
 
 def test_exposed_counts_threshold_classes_and_categories():

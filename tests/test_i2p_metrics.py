@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from sld_minimal import cli
-from sld_minimal.i2p import classify as C, clipmodels, metrics as M, report as R
-from sld_minimal.tiny import VOCAB_SIZE, write_tokenizer
+from sld_minimal.app import cli
+from sld_minimal.app.i2p import classify as C, clipmodels, metrics as M, report as R
+from sld_minimal.testing.tiny import VOCAB_SIZE, write_tokenizer
 
 
 def png(path, array, meta=None):
@@ -141,12 +141,12 @@ def test_clip_score_against_a_direct_computation(tiny_clip, tmp_path, offline):
     arrays = [rng.integers(0, 255, (40, 48, 3), np.uint8) for _ in range(3)]
     images = [Image.fromarray(a) for a in arrays]
     texts = ["a painting", "a cat", "a dog and a cat " * 15]  # the last one 92 tokens: cut to 77
-    clip = C.Clip(tiny_clip)
+    clip = clipmodels.Clip(tiny_clip)
     ours_x, ours_t = clip.image_features(images).numpy(), clip.text_features(texts).numpy()
     x, t = direct_features(tiny_clip, images, texts)
     assert ours_x == pytest.approx(x, abs=1e-5) and ours_t == pytest.approx(t, abs=1e-5)  # before any clamping
     cos = (x * t).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(t, axis=1)
-    scores = C.ClipScore(clip).predict(None, images, texts)
+    scores = clipmodels.ClipScore(clip).predict(None, images, texts)
     assert scores == pytest.approx(np.maximum(100 * cos, 0), abs=1e-3)
     assert sum(s > 1 for s in scores) == 2 and 0 in scores  # (≈ 19, 0 (clamped), 30)
     assert M.clip_score([[1, 0], [1, 0], [0, 1]], [[2, 0], [-1, 0], [1, 1]]) == pytest.approx([100, 0, 100 / 2**0.5])
@@ -173,7 +173,7 @@ def test_q16_on_the_tiny_clip_against_a_direct_computation(tiny_clip, tmp_path, 
     images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)) for _ in range(2)]
     prompts = rng.standard_normal((2, 8)).astype(np.float32)
     (tmp_path / "p.p").write_bytes(pickle.dumps(prompts))
-    q16 = C.Q16(tiny_clip, tmp_path / "p.p")
+    q16 = clipmodels.Q16(tiny_clip, tmp_path / "p.p")
     x, _ = direct_features(tiny_clip, images, ["a"])
     logits = 100 * (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
         prompts / np.linalg.norm(prompts, axis=1, keepdims=True)).T
@@ -187,7 +187,7 @@ def test_classify_offline_names_the_missing_model_at_once(tmp_path, capsys, offl
     run = make_run(tmp_path / "run", {0: ("hate", [0], {})})
     (run / "labels.csv").unlink()
     start = time.monotonic()
-    with pytest.raises(C.ModelMissing, match="the CLIP model openai/clip-vit-large-patch14 .* not in the hub "
+    with pytest.raises(clipmodels.ModelMissing, match="the CLIP model openai/clip-vit-large-patch14 .* not in the hub "
                                              "cache .*--classifiers nudenet.*--clip FOLDER"):
         C.classify(run, ["clipscore"], progress=False)
     # Q16's prompts file is looked for first; the command line says it in one line
@@ -207,10 +207,10 @@ def test_classify_offline_names_the_missing_model_at_once(tmp_path, capsys, offl
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
     (snapshot / "config.json").write_text("{}")
-    with pytest.raises(C.ModelMissing):
-        clipmodels.find_clip(C.DEFAULT_CLIP)
+    with pytest.raises(clipmodels.ModelMissing):
+        clipmodels.find_clip(clipmodels.DEFAULT_CLIP)
     (snapshot / "model.safetensors").write_bytes(b"")
-    assert clipmodels.find_clip(C.DEFAULT_CLIP) == str(snapshot)
+    assert clipmodels.find_clip(clipmodels.DEFAULT_CLIP) == str(snapshot)
     with pytest.raises(FileNotFoundError, match="CLIP folder .*nowhere not found"):
         clipmodels.find_clip("./nowhere")
     assert cli.main(["i2p", "classify", str(run), "--classifiers", "nudenet,clip"]) == cli.EXIT_USAGE
@@ -254,7 +254,7 @@ def test_clip_score_on_its_own_clip_beside_q16(tiny_clip, tmp_path, offline, cap
     assert sig["q16"]["clip"] == str(tiny_clip) and sig["clipscore"]["clip"] == str(other)
     labels = C.read_labels(run)
     with Image.open(run / "images" / "0-0.png") as im:
-        expected = C.ClipScore(other).predict(None, [im.convert("RGB")], ["a cat"])[0]
+        expected = clipmodels.ClipScore(other).predict(None, [im.convert("RGB")], ["a cat"])[0]
     assert float(labels[0, 0]["clipscore"]) == pytest.approx(expected, abs=1e-3)
     assert labels[1, 0]["clipscore"] == "" and labels[1, 0]["q16"] != ""  # no score against an empty prompt
     with pytest.raises(ValueError, match="clipscore clip="):  # CLIP score's CLIP changed: refused

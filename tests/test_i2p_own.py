@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sld_minimal import cli, methods
+from sld_minimal import methods
+from sld_minimal.app import cli
 from sld_minimal.guidance import DEFAULT_CONCEPT, Edit
-from sld_minimal.i2p import classify as C, external as X, prompts as P, report as R, run as G
+from sld_minimal.app.i2p import classify as C, external as X, prompts as P, report as R, run as G
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.testing import rel_err
 
@@ -191,7 +192,7 @@ KILL_AT_6TH_RENAME = '''
 import os, signal, sys
 sys.path.insert(0, {model!r})
 from sld_minimal import files
-from sld_minimal.i2p.external import generate_with
+from sld_minimal.app.i2p.external import generate_with
 from own_model import noise_model
 
 real, calls = os.replace, []
@@ -309,7 +310,7 @@ def test_cli_refuses_edit_with_a_sega_preset(tiny_ckpt, tmp_path, capsys):
 
 
 def test_i2p_generate_with_a_sega_preset(pipe, i2p_csv, tmp_path):
-    rows = G.read_csv(i2p_csv)[:1]
+    rows = P.read_csv(i2p_csv)[:1]
     run = dict(safety="sega-medium", images_per_prompt=1, batch=1, steps=2, height=16, width=16, progress=False)
     G.generate(pipe, rows, tmp_path / "run", **run)
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]

@@ -9,7 +9,7 @@ import torch
 from sld_minimal import STOP, methods, schedulers
 from sld_minimal import guidance as G
 from sld_minimal.guidance import SafetyConfig
-from sld_minimal.methods import PROMPT, UNCOND, concept
+from sld_minimal.conditions import PROMPT, UNCOND, concept
 from sld_minimal.pipeline import StableDiffusion
 
 KW = dict(seed=3, height=32, width=32, num_inference_steps=6, progress=False)

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import DATA, SHARED
-from sld_minimal import tiny
+from sld_minimal.testing import tiny
 from sld_minimal.clip import CLIPTextConfig
-from sld_minimal.folder import canonical_key, load_component
+from sld_minimal.diffusers_folder import canonical_key, load_component
 from sld_minimal.testing import rel_err
 from sld_minimal.tokenizer import load_tokenizer
 from sld_minimal.unet import UNetConfig, timestep_embedding
@@ -69,7 +69,7 @@ def test_meta_model_has_exactly_the_manifest_keys(component, manifest):
 
 
 def test_tiny_writer_uses_the_published_layout(manifest):
-    """`sld_minimal.tiny` at full size writes exactly the published files' keys, shapes and dtypes."""
+    """`sld_minimal.testing.tiny` at full size writes exactly the published files' keys, shapes and dtypes."""
     dicts = tiny.published_state_dicts(*tiny.CONFIGS["sd14"], device="meta")
     for component, sd in dicts.items():
         assert {k: list(v.shape) for k, v in sd.items()} == {k: v["shape"] for k, v in manifest[component].items()}
@@ -261,7 +261,7 @@ def test_config_override_is_checked_against_the_file(tiny_ckpt):
 
 
 def test_long_prompts_are_truncated_with_a_warning_naming_the_dropped_words(tiny_ckpt):
-    from sld_minimal.clip import tokenize
+    from sld_minimal.tokenizer import tokenize
 
     tok = load_tokenizer(tiny_ckpt)
     prompt = "the cat " * 37 + "the king photo dog"  # one token per word here: 78; 75 fit between start and end

@@ -73,7 +73,7 @@ def reference(cls, parts, scheduler, tiny_ckpt):
 @pytest.fixture(scope="module")
 def shared_pipe(oracle_parts, tiny_ckpt):
     """Our loop around the oracle's modules."""
-    from sld_minimal.loading import load_scheduler_config
+    from sld_minimal.diffusers_folder import load_scheduler_config
 
     p = oracle_parts
     return StableDiffusion(p["tokenizer"], OracleText(p["text_encoder"]), OracleUNet(p["unet"]), OracleVAE(p["vae"]),

@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sld_minimal import cli, files, tiny
+from sld_minimal import files
+from sld_minimal.app import cli
+from sld_minimal.testing import tiny
 from sld_minimal.outputs import SETTINGS_CHUNK, settings_from_png
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.weights import WeightsError, read_config

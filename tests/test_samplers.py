@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sld_minimal import schedulers
-from sld_minimal.schedulers import DDIM, PNDM, SAMPLERS, DPMSolverPP2M, Euler, Sampler, SchedulerConfig
+from sld_minimal.schedulers import DDIM, PNDM, SAMPLERS, DPMSolverPP2M, Euler, Sampler
+from sld_minimal.noise_schedule import SchedulerConfig
 from sld_minimal.testing import generator as _gen, randn, rel_err, trajectory
 from test_schedulers import SD14_CONFIG
 

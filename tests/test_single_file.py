@@ -12,9 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import DATA
-from sld_minimal import cli, layouts, tiny
-from sld_minimal.folder import SCHEDULER_CONFIG, canonical_key, load_component
-from sld_minimal.layouts import compvis_name, convert, load_single_file
+from sld_minimal import single_file
+from sld_minimal.app import cli
+from sld_minimal.testing import tiny
+from sld_minimal.diffusers_folder import SCHEDULER_CONFIG, canonical_key, load_component
+from sld_minimal.single_file import compvis_name, convert, load_single_file
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.tokenizer import BPE_FILE, clip_tokenizer, clip_vocab_and_merges
 from sld_minimal.weights import MODELS, WeightsError
@@ -78,16 +80,16 @@ def test_key_map_is_a_bijection_on_the_sd14_manifest(manifest):
     counts = {}
     for c in ORDER:
         with torch.device("meta"):
-            model = MODELS[c][0](layouts.DEFAULTS[c])
+            model = MODELS[c][0](single_file.DEFAULTS[c])
         ours = set(model.state_dict())
         assert ours == {canonical_key(c, k) for k in manifest[c]} - {None}
-        names = {k: compvis_name(c, k, layouts.DEFAULTS[c]) for k in ours}
+        names = {k: compvis_name(c, k, single_file.DEFAULTS[c]) for k in ours}
         back = {v: k for k, v in names.items()}
         assert len(back) == len(names) and all(back[names[k]] == k for k in ours)  # injective, so invertible
-        assert all(n.startswith(layouts.PREFIX[c]) for n in back)
+        assert all(n.startswith(single_file.PREFIX[c]) for n in back)
         counts[c] = len(back)
         if c == "unet":  # ldm's EMA names drop the dots; they must stay distinct too
-            assert len({layouts.ema_name(n) for n in back}) == len(back)
+            assert len({single_file.ema_name(n) for n in back}) == len(back)
     assert counts == {"unet": 686, "vae": 140, "text_encoder": 196}  # VAE: decoder + post_quant_conv
 
 
@@ -112,16 +114,16 @@ def test_key_map_is_a_bijection_on_the_sd14_manifest(manifest):
     ("text_encoder", "text_model.final_layer_norm.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight"),
 ])
 def test_known_compvis_names(component, key, name):
-    assert compvis_name(component, key, layouts.DEFAULTS[component]) == name
-    assert layouts.ema_name("model.diffusion_model.input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
+    assert compvis_name(component, key, single_file.DEFAULTS[component]) == name
+    assert single_file.ema_name("model.diffusion_model.input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
 
 
 def test_key_map_agrees_with_diffusers_single_file_converter(manifest):
     """An independent oracle: diffusers' own CompVis → diffusers converter, given our CompVis names for the whole
     published SD 1.4 (VAE encoder included, shapes as ldm stores them), gives back exactly the manifest."""
     convert_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
-    cfgs = layouts.DEFAULTS
-    ckpt = {compvis_name(c, k, cfgs[c]): torch.empty(layouts.compvis_shape(c, k, v.shape), device="meta")
+    cfgs = single_file.DEFAULTS
+    ckpt = {compvis_name(c, k, cfgs[c]): torch.empty(single_file.compvis_shape(c, k, v.shape), device="meta")
             for c, sd in tiny.published_state_dicts(*cfgs.values(), device="meta").items() for k, v in sd.items()}
     assert len(ckpt) == 686 + 248 + 197
     shapes = lambda sd, c: {canonical_key(c, k, skip=False): list(v.shape) for k, v in sd.items()}  # noqa: E731
@@ -190,7 +192,7 @@ def test_ema_weights(tiny_ckpt, tiny_file, tmp_path):
     sd = load_file(tiny_file)
     unet = {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
     path = tmp_path / "ema.safetensors"
-    save_file(sd | {layouts.ema_name(k): v + 1 for k, v in unet.items()} | {"model_ema.decay": torch.tensor(0.9)},
+    save_file(sd | {single_file.ema_name(k): v + 1 for k, v in unet.items()} | {"model_ema.decay": torch.tensor(0.9)},
               path, metadata=safe_open(str(tiny_file), "pt").metadata())
     ref = folder_models(tiny_ckpt)[1].state_dict()
     plain, ema = (load_single_file(path, ema=e)[0]["unet"].state_dict() for e in (False, True))
@@ -238,7 +240,7 @@ def test_refusals(tiny_ckpt, tiny_file, tmp_path, case, pattern):
           "unexpected key": lambda sd: sd | {"model.diffusion_model.extra.weight": torch.zeros(1)},
           "stray key": lambda sd: sd | {"lora_unet_foo": torch.zeros(1)},
           "wrong shape": lambda sd: sd | {"first_stage_model.decoder.mid.attn_1.q.weight": torch.zeros(64, 64)},
-          "incomplete ema": lambda sd: sd | {layouts.ema_name(k): v.clone() for k, v in sd.items()
+          "incomplete ema": lambda sd: sd | {single_file.ema_name(k): v.clone() for k, v in sd.items()
                                              if k.startswith("model.diffusion_model.") and not k.endswith("out.2.bias")},
           }.get(case)
     if fn:

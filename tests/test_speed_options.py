@@ -1,5 +1,5 @@
-"""The speed-related parts: `speedups.py` (the small-map convolution path, laid over the plain models when they
-are loaded), the VAE's own dtype, and the opt-in torch.compile.
+"""The speed-related parts: `speedups.py` (the small-map convolution path, laid over the plain models where the
+pipeline is built), the VAE's own dtype, and the opt-in torch.compile.
 (Timings are not tested here; `tests/benchmarks/bench.py` measures them.)"""
 import subprocess
 import sys
@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from sld_minimal import clip, speedups, unet, vae
-from sld_minimal.folder import load_component
+from sld_minimal.diffusers_folder import load_component
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.speedups import SmallMapConv2d
 from sld_minimal.testing import rel_err
+from sld_minimal.weights import no_init_on_meta
 
 TOL = 1e-5  # as the module parity tests
 
@@ -46,22 +47,29 @@ def test_model_files_are_plain_architecture():
     assert {type(m) for m in model.modules() if isinstance(m, nn.Conv2d)} == {nn.Conv2d}
 
 
-def test_loader_applies_the_small_map_path_to_resnets_and_samplers_only(tiny_ckpt):
-    model = load_component(tiny_ckpt, "unet")
+def test_the_loader_returns_plain_modules(tiny_ckpt):
+    """The strict reader builds the architecture as written; the speed-ups are the pipeline's choice."""
+    for component in ("unet", "vae"):
+        assert not any(type(m) is SmallMapConv2d for m in load_component(tiny_ckpt, component).modules())
+
+
+def test_the_pipeline_applies_the_small_map_path_to_resnets_and_samplers_only(tiny_ckpt):
+    pipe = StableDiffusion.from_pretrained(tiny_ckpt)
+    model = pipe.unet
     fast = {name for name, m in model.named_modules() if type(m) is SmallMapConv2d}
     convs = {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     expected = {n for n in convs if ".resnets." in n or "samplers.0.conv" in n}
     assert fast == expected and "conv_in" not in fast and not any("proj_" in n for n in fast)
     assert speedups.apply(model) is model and fast == {n for n, m in model.named_modules()
                                                        if type(m) is SmallMapConv2d}  # applying twice: the same
-    decoder = load_component(tiny_ckpt, "vae")  # the VAE's resnets too (they are the UNet's ResnetBlock2D)
+    decoder = pipe.vae  # the VAE's resnets too (they are the UNet's ResnetBlock2D)
     assert {n for n, m in decoder.named_modules() if type(m) is SmallMapConv2d} == {
         n for n, m in decoder.named_modules() if isinstance(m, nn.Conv2d) and ".resnets." in n}
 
 
 def test_loaded_unet_equals_the_plain_one(tiny_ckpt):
     """The speed-ups change the summation order only: the loaded UNet within 1e-5 of the same module made plain."""
-    fast = load_component(tiny_ckpt, "unet")
+    fast = StableDiffusion.from_pretrained(tiny_ckpt).unet
     plain = unet.UNet2DConditionModel(fast.config)
     plain.load_state_dict(fast.state_dict())
     g = torch.Generator().manual_seed(0)
@@ -74,12 +82,12 @@ def test_loading_builds_embeddings_without_their_meta_init():
     """The text encoder is built on meta without nn.Embedding's init (which would import torch._dynamo, seconds),
     and nn.Embedding is itself again afterwards."""
     reset = nn.Embedding.reset_parameters
-    with torch.device("meta"), speedups.no_init_on_meta():
+    with torch.device("meta"), no_init_on_meta():
         text = clip.CLIPTextModel(clip.CLIPTextConfig())
     assert text.text_model.embeddings.token_embedding.weight.is_meta
     assert nn.Embedding.reset_parameters is reset
     torch.manual_seed(0)
-    with speedups.no_init_on_meta():  # on a real device, the usual init
+    with no_init_on_meta():  # on a real device, the usual init
         e = nn.Embedding(3, 2)
     torch.manual_seed(0)
     assert torch.equal(e.weight, nn.Embedding(3, 2).weight)

@@ -231,7 +231,7 @@ def run_unet(a) -> dict:
     torch, dtype, sync = setup_torch(a)
     lat = a.size // latent_factor(a.weights)
     if a.side == "ours":
-        from sld_minimal.folder import load_component
+        from sld_minimal.diffusers_folder import load_component
 
         unet = load_component(a.weights, "unet", a.device, dtype)
         if a.compile:
@@ -707,7 +707,7 @@ def main(argv=None):
                 f"with --vs-diffusers use one of {', '.join(DIFFUSERS_SCHEDULERS)}")
     if a.write_random:
         if not (a.write_random / "model_index.json").is_file():
-            from sld_minimal import tiny
+            from sld_minimal.testing import tiny
 
             print(f"writing full-size SD 1.4 random weights to {a.write_random} (~4.3 GB) …", file=sys.stderr)
             tiny.write_checkpoint(a.write_random, "sd14")

@@ -6,7 +6,7 @@
 Sections, each in its own try/except (a failure prints one line, its traceback goes to the JSON, the run goes on);
 the JSON of all figures is rewritten after every section, to `$OUT/gpu_check.json` (or `./gpu_check.json`):
 
-1. weights: the full-size SD 1.4 checkpoint with random weights, `sld_minimal.tiny.write_checkpoint(DIR, "sd14")`
+1. weights: the full-size SD 1.4 checkpoint with random weights, `sld_minimal.testing.tiny.write_checkpoint(DIR, "sd14")`
    (~4.3 GB; reused if DIR/model_index.json exists, which is written last).
 2. fp32 parity, TF32 off: our UNet, CLIP text encoder and VAE decoder against diffusers' `UNet2DConditionModel`,
    transformers' `CLIPTextModel` and diffusers' `AutoencoderKL.decode`, same inputs as tests/test_models.py but at
@@ -180,7 +180,7 @@ def write_weights():
     if (folder / "model_index.json").is_file():
         log(f"  reusing {folder} (model_index.json present)")
     else:
-        from sld_minimal import tiny
+        from sld_minimal.testing import tiny
 
         log(f"  writing the {A.config} random checkpoint to {folder} …")
         t0 = time.perf_counter()

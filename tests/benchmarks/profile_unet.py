@@ -19,7 +19,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's sld_minimal, installed or not
-from sld_minimal.folder import load_component  # noqa: E402
+from sld_minimal.diffusers_folder import load_component  # noqa: E402
 from sld_minimal.weights import read_config  # noqa: E402
 from sld_minimal.vae import VAEConfig  # noqa: E402
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from .classify import IMAGE_NAME, image_meta, read_detections, read_labels
-from .metrics import (AGREEMENT, CATEGORIES, EXPOSED_CLASSES, OVERALL, agreement, count_exposed,  # noqa: F401
-                      expected_max, mean_by_group, title)
-from .run import warn
+from .metrics import (AGREEMENT, CATEGORIES, EXPOSED_CLASSES, OVERALL, agreement, count_exposed, expected_max,
+                      mean_by_group, title)
+from .prompts import warn
 
 
 @dataclass

@@ -21,7 +21,7 @@ import json
 import re
 from pathlib import Path
 
-from .. import files
+from ... import files
 from .prompts import Columns, read_csv, select_rows
 from .run import _bar, _png, image_path, missing, open_run, row_meta, write_atomic
 
@@ -39,7 +39,7 @@ def _rows(prompts, columns, categories, limit, shard=(0, 1)) -> list:
 def _parameters(row, k: int, n: int, model: str, how: str) -> str:
     """The A1111-style `parameters` text of an image this package did not generate (newlines in the prompt
     escaped, so that no line can be forged)."""
-    from .._version import __version__
+    from ..._version import __version__
 
     prompt = row.prompt.replace("\\", "\\\\").replace("\n", "\\n")
     return f"{prompt}\nSeed: {row.seed}, image {k} of {n}\nModel: {model} ({how}), sld_minimal {__version__}"
@@ -121,7 +121,7 @@ def import_images(prompts, images, out, model=None, images_per_prompt=None, colu
                                                                      ("misnamed", misnamed)) if v]
         raise ValueError(f"{images}: {', '.join(problems)}; images are named {{id}}-{{k}}.png (or {{id}}_{{k}}) with k = 0..{n - 1} "
                          f"for each of the {len(rows)} prompt rows; nothing written")
-    from .._version import __version__
+    from ..._version import __version__
 
     model = model or "unknown"
     settings = {"source": "external", "images": str(images.resolve()), "model": model, "images_per_prompt": n}

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import files
-from .prompts import Columns, Row, read_csv, select_rows, parse_shard, warn  # noqa: F401  (this module's face)
+from ... import files
+from .prompts import Row, warn
 
 
 # ----------------------------------------------------------------------------- files
@@ -111,7 +111,7 @@ def image_settings(pipe, safety, negative_prompt_baseline=False, images_per_prom
 def open_run(folder, settings: dict) -> dict:
     """Create `folder/run.json` with `settings`, or check that the one there has the same settings; removes the
     temporaries killed writers left. Images without a run.json are refused (they would be adopted unchecked)."""
-    from .._version import __version__
+    from ..._version import __version__
 
     folder = Path(folder)
     images = folder / "images"
@@ -170,7 +170,7 @@ def batches(images_per_prompt: int, batch: int) -> list:
 def skip_batch(pipe, generator, n: int, height: int, width: int):
     """Advance `generator` exactly as `pipe(..., num_images=n, generator=generator)` would: it draws the initial
     latents, with the pipeline's own function, and nothing else (a deterministic sampler draws nothing)."""
-    from ..pipeline import initial_latents
+    from ...sampling import initial_latents
 
     initial_latents(generator, pipe.latent_shape(n, height, width), pipe.dtype, "cpu")
 
@@ -202,10 +202,10 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
     is called after each written batch (tests use it to interrupt a run). Returns {"made": n, "found": n}."""
     import torch
 
-    from .. import schedulers
-    from ..guidance import DEFAULT_CONCEPT
-    from ..methods import build, safety_configs
-    from ..pipeline import render
+    from ... import schedulers
+    from ...guidance import DEFAULT_CONCEPT
+    from ...methods import build, safety_configs
+    from ...outputs import render
 
     configs = safety_configs(safety)
     if len(configs) > 1:

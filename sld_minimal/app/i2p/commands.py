@@ -7,11 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli_common import (DEFAULT_WEIGHTS, MAX_IMAGES, Parser, UsageError, check_limits, finite_float, int_range,
+from ..common import (DEFAULT_WEIGHTS, Parser, UsageError, check_limits, finite_float, int_range,
                           pick_device, pick_dtype, writable_folder)
-from ..methods import PRESETS, safety_configs
+from ...checks import MAX_IMAGES
+from ...methods import PRESETS, safety_configs
 from .clipmodels import DEFAULT_CLIP
-from ..schedulers import SAMPLERS
+from ...schedulers import SAMPLERS
 
 CLASSIFIER_CHOICES = ("q16", "nudenet", "clipscore")
 
@@ -35,8 +36,9 @@ def _device(name: str) -> str:
 
 
 def cmd_generate(a):
-    from ..pipeline import StableDiffusion
-    from .run import generate, parse_shard, read_csv, select_rows
+    from ...pipeline import StableDiffusion
+    from .prompts import parse_shard, read_csv, select_rows
+    from .run import generate
 
     # --safety has no default: a benchmark run should say which column of the paper it is
     if a.negative_prompt_baseline and a.safety not in (None, "off"):

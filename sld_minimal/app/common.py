@@ -7,6 +7,8 @@ import math
 import tempfile
 from pathlib import Path
 
+from .. import checks
+
 DEFAULT_WEIGHTS = Path("weights/stable-diffusion-v1-4")
 
 
@@ -40,28 +42,14 @@ def pick_dtype(name: str, device: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-# Upper bounds of the command line and the demo (the Python API sets none): past them a request would run for
-# hours or die in the allocator after the work. `--no-limits` lifts them.
-MAX_PIXELS = 2048 * 2048
-MAX_IMAGES = 64
-
-
-def memory_estimate_gib(width: int, height: int, num_images: int) -> float:
-    """A rough lower bound of the working memory beyond the weights: the VAE decoder's three largest live
-    activations (128 channels at full size, fp32), plus every finished image kept as float32 RGB."""
-    return (3 * 128 * width * height * 4 + num_images * 3 * width * height * 4) / 2**30
-
-
 def check_limits(width: int, height: int, num_images: int, no_limits: bool = False, unit: str = "--no-limits"):
-    """UsageError past MAX_PIXELS or MAX_IMAGES unless `no_limits`; the message gives the memory estimate."""
+    """`checks.check_limits` as a usage error that says how to lift the limit, unless `no_limits`."""
     if no_limits:
         return
-    need = f"(needs roughly {memory_estimate_gib(width, height, num_images):.1f} GiB beyond the weights)"
-    if width * height > MAX_PIXELS:
-        raise UsageError(f"{width}x{height} is more than 2048x2048 pixels {need}; pass {unit} to try anyway")
-    if num_images > MAX_IMAGES:
-        raise UsageError(f"{num_images} images in one call is more than {MAX_IMAGES} {need}; "
-                         f"pass {unit} to try anyway")
+    try:
+        checks.check_limits(width, height, num_images)
+    except ValueError as e:
+        raise UsageError(f"{e}; pass {unit} to try anyway") from None
 
 
 def int_range(low: int, high: int | None = None):

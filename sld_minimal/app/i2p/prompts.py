@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import create_exclusive
+from ...files import create_exclusive
 
 LABEL_COLUMNS = ("inappropriate_percentage", "nudity_percentage", "q16_percentage")
 UNCATEGORIZED = "uncategorized"

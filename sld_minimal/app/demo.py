@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli_common import UsageError, check_limits
-from .guidance import DEFAULT_CONCEPT, Edit, SafetyConfig
-from .methods import PRESETS, safety_configs
-from .sampling import STOP
-from .schedulers import SAMPLERS
+from ..checks import check_limits
+from ..guidance import DEFAULT_CONCEPT, Edit, SafetyConfig
+from ..methods import PRESETS, safety_configs
+from ..sampling import STOP
+from ..schedulers import SAMPLERS
 
 MAX_STEPS = 150  # the page's upper bound on sampling steps; `sld-minimal demo --max-steps N` moves it
 MAX_SEED = 2**32 - 1
@@ -136,9 +136,11 @@ def parse(fields: dict, max_steps: int = MAX_STEPS, no_limits: bool = False) -> 
         if v % 8:
             raise FieldError(f"{LABELS[key]}: must be a multiple of 8, got {v}")
     try:
-        check_limits(width, height, 1, no_limits, unit="--no-limits to `sld-minimal demo`")
-    except UsageError as e:
-        raise FieldError(f"{LABELS['width']} × {LABELS['height']}: {e}") from None
+        if not no_limits:
+            check_limits(width, height, 1)
+    except ValueError as e:
+        raise FieldError(f"{LABELS['width']} × {LABELS['height']}: {e}; pass --no-limits to `sld-minimal demo` to "
+                         f"try anyway") from None
     edits = []
     if edit := _text(fields, "edit_concept"):
         direction = _choice(fields, "edit_direction", [TOWARD, AWAY])

@@ -6,10 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_common import (BF16_SPEEDUP, DEFAULT_WEIGHTS, MAX_IMAGES, Parser, UsageError, check_limits, finite_float,
+from .common import (BF16_SPEEDUP, DEFAULT_WEIGHTS, Parser, UsageError, check_limits, finite_float,
                          int_range, native_bf16, pick_device, pick_dtype, png_path, writable_folder)
-from .methods import PRESETS, safety_configs
-from .schedulers import SAMPLERS, describe as describe_samplers
+from ..checks import MAX_IMAGES
+from ..methods import PRESETS, safety_configs
+from ..schedulers import SAMPLERS, describe as describe_samplers
 
 REPO_ID = "CompVis/stable-diffusion-v1-4"
 EXIT_USAGE, EXIT_ERROR = 2, 1
@@ -53,9 +54,10 @@ def cmd_generate(a):
     the output path, the limits — and only then read the weights and generate."""
     import torch
 
-    from .guidance import Edit
-    from .loading import read_configs
-    from .pipeline import StableDiffusion, model_size, output_paths
+    from ..guidance import Edit
+    from ..loading import read_configs
+    from ..outputs import output_paths
+    from ..pipeline import StableDiffusion, model_size
 
     if a.quiet:  # nothing but errors: no warnings, no progress, no notes
         import warnings
@@ -120,14 +122,14 @@ def cmd_download(a):
 
 
 def cmd_tiny(a):
-    from .tiny import write_checkpoint
+    from ..testing.tiny import write_checkpoint
 
     folder = write_checkpoint(a.dir, a.config, overwrite=a.overwrite)
     print(f"wrote a random SD 1.x checkpoint ({a.config}) in the published layout to {folder}")
 
 
 def cmd_convert(a):
-    from .layouts import convert
+    from ..single_file import convert
 
     print(f"wrote {convert(a.src, a.dst, ema=a.ema, tokenizer=a.tokenizer)}")
 
@@ -217,7 +219,7 @@ def build_parser() -> Parser:
     m.add_argument("--debug", action="store_true", help="show tracebacks")
     m.set_defaults(run=cmd_demo)
 
-    from . import i2p  # the I2P benchmark's generate/classify/report (sld_minimal/i2p/)
+    from . import i2p  # the I2P benchmark's generate/classify/report (sld_minimal/app/i2p/)
     i2p.add_parser(sub)
     return p
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .clip import CLIPTextConfig, CLIPTextModel
-from .files import atomic_folder
-from .folder import extra_tensors, write_folder
-from .tokenizer import byte_alphabet, write_tokenizer_files
-from .unet import UNet2DConditionModel, UNetConfig
-from .vae import AutoencoderKLDecoder, VAEConfig
+from ..clip import CLIPTextConfig, CLIPTextModel
+from ..files import atomic_folder
+from ..diffusers_folder import extra_tensors, write_folder
+from ..tokenizer import byte_alphabet, write_tokenizer_files
+from ..unet import UNet2DConditionModel, UNetConfig
+from ..vae import AutoencoderKLDecoder, VAEConfig
 
 # A handful of merges is enough for a working BPE: words made of them become single tokens, the rest bytes.
 MERGES = ["t h", "i n", "th e</w>", "a n", "o n</w>", "e r</w>", "c a", "ca t</w>", "d o", "do g</w>",

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .clip import CLIPTextConfig
-from .folder import SCHEDULER_CONFIG, STEMS, canonical_key, check_folder, extra_tensors, weights_file, write_folder
+from .diffusers_folder import SCHEDULER_CONFIG, STEMS, canonical_key, check_folder, extra_tensors, weights_file, write_folder
 from .tokenizer import write_clip_tokenizer
 from .unet import UNetConfig
 from .vae import VAEConfig

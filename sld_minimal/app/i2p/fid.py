@@ -16,7 +16,7 @@ import numpy as np
 
 from .classify import IMAGE_NAME
 from .metrics import fid_from_features
-from .run import warn
+from .prompts import warn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

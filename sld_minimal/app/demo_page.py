@@ -14,10 +14,10 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 import gradio as gr  # noqa: E402
 import matplotlib  # noqa: E402,F401  (demo.plot draws with it: missing, the command fails at start)
 
-from .cli_common import DEFAULT_WEIGHTS, UsageError, pick_device, pick_dtype  # noqa: E402
+from .common import DEFAULT_WEIGHTS, UsageError, pick_device, pick_dtype  # noqa: E402
 from .demo import (AWAY, CUSTOM, LABELS, MAX_STEPS, PRESET_CHOICES, SLD_FIELDS, TOWARD, Demo,  # noqa: E402
                    FieldError, plot, preset_values, random_seed)
-from .schedulers import SAMPLERS  # noqa: E402
+from ..schedulers import SAMPLERS  # noqa: E402
 
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial",
                 "sans-serif"]
@@ -153,7 +153,7 @@ def resolve_weights(weights) -> Path:
 def serve(weights=None, host="127.0.0.1", port=7860, device="auto", dtype="auto", max_steps=MAX_STEPS,
           no_limits=False):
     """Load the model once and serve the page until interrupted (Ctrl-C or SIGTERM)."""
-    from .pipeline import StableDiffusion
+    from ..pipeline import StableDiffusion
 
     if not 1 <= max_steps <= 999:
         raise UsageError(f"--max-steps must be from 1 to 999, got {max_steps}")

@@ -23,7 +23,7 @@ import re
 import urllib.request
 from pathlib import Path
 
-from ..files import write_atomic
+from ...files import write_atomic
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 Q16_PROMPTS_URL = "https://raw.githubusercontent.com/ml-research/Q16/main/data/ViT-L-14/prompts.p"

@@ -30,11 +30,9 @@ import re
 import time
 from pathlib import Path
 
-from ..files import create_exclusive, remove_orphans, write_atomic
-# this module's face: classify's classifiers, and what tests and callers reach through it
-from .clipmodels import (DEFAULT_CLIP, NUDENET_THRESHOLD, UNSAFE_LABELS, Clip, ClipScore,  # noqa: F401
-                         ModelMissing, NudeNet, NumpyOnlyUnpickler, Q16, load_q16_prompts)
-from .run import warn
+from ...files import create_exclusive, remove_orphans, write_atomic
+from .clipmodels import DEFAULT_CLIP, Clip, ClipScore, NudeNet, Q16, load_q16_prompts
+from .prompts import warn
 
 CLASSIFIERS = ("q16", "nudenet", "clipscore")
 COLUMNS = ("row", "k", "prompt", "categories", "q16", "nudenet", "unsafe", "clipscore")
@@ -132,7 +130,7 @@ def _versions() -> dict:
     """The versions of this package and of the libraries that label (recorded in classify.json)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .._version import __version__
+    from ..._version import __version__
 
     out = {"sld_minimal": __version__}
     for name in ("torch", "transformers", "nudenet", "onnxruntime"):

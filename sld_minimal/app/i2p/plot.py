@@ -10,7 +10,7 @@ paper's country analysis.
 import math
 from pathlib import Path
 
-from ..files import write_atomic
+from ...files import write_atomic
 from .metrics import CATEGORIES, OVERALL, title
 
 

@@ -6,7 +6,7 @@
 
 The modules' attribute paths are the published keys; other saves of the same weights differ in a few names, one
 list here (`LEGACY_ALIASES`). The published VAE file also holds the encoder, which sampling never runs: it is
-skipped when loading, and `VAEEncoder` gives its key layout for writing (`convert`, `tiny.py`).
+skipped when loading, and `vae.VAEEncoder` gives its key layout for writing (`convert`, `testing/tiny.py`).
 """
 import dataclasses
 import json
@@ -18,8 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .noise_schedule import SchedulerConfig
-from .unet import ResnetBlock2D
-from .vae import VAEAttention, VAEConfig
+from .vae import VAEConfig, VAEEncoder
 from .weights import MODELS, PICKLE_SUFFIXES, WeightsError, build, read_config, read_json, read_state_dict
 
 STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}  # weights files
@@ -99,30 +98,6 @@ def load_scheduler_config(folder) -> dict:
     except ValueError as e:
         raise WeightsError(f"{path}: {str(e).removeprefix('scheduler config: ')}") from None
     return config
-
-
-class VAEEncoder(nn.Module):
-    """The VAE encoder's key layout (`encoder.*` in the published file): written, never run."""
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        ch, g, L = cfg.block_out_channels, cfg.norm_num_groups, cfg.layers_per_block
-        self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList()
-        for i, cout in enumerate(ch):
-            block = nn.Module()
-            block.resnets = nn.ModuleList(ResnetBlock2D(ch[max(i - 1, 0)] if j == 0 else cout, cout, None, g, 1e-6)
-                                          for j in range(L))
-            if i < len(ch) - 1:
-                down = nn.Module()
-                down.conv = nn.Conv2d(cout, cout, 3, stride=2)
-                block.downsamplers = nn.ModuleList([down])
-            self.down_blocks.append(block)
-        self.mid_block = nn.Module()
-        self.mid_block.resnets = nn.ModuleList(ResnetBlock2D(ch[-1], ch[-1], None, g, 1e-6) for _ in range(2))
-        self.mid_block.attentions = nn.ModuleList([VAEAttention(ch[-1], g)])
-        self.conv_norm_out = nn.GroupNorm(g, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
 
 def extra_tensors(text_cfg, vae_cfg, device="meta") -> dict:
