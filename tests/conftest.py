@@ -9,7 +9,6 @@ import torch
 pytest_plugins = ["sld_minimal.testing"]
 
 DATA = Path(__file__).parent / "data"  # copies of ../shared/sd14 (manifest and published configs)
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "sd14"
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 warnings.filterwarnings("ignore", message=".*accelerate.*")

@@ -78,7 +78,7 @@ def test_from_pretrained_refuses_fp16_on_the_cpu(kwargs, tmp_path):
 #   small  unet    0–1.7e-2 / 0             1.3e-2–2.1e-2 / 1.4–2.3e-2 1.1e-2–2.1e-2 / 1.4–2.3e-2 0.94–1.22 / 1.00
 #   small  vae     2.0e-2–3.5e-2 / 2.3–3.7e-2 2.0e-2–3.3e-2 / 2.3–3.0e-2 2.2e-2–3.2e-2 / 2.2–3.0e-2 0.71–1.24 / 0.93–1.28
 #
-# (ours32 vs ref32 is ≤ 4e-6 throughout, as in test_models.py; one other small-VAE input gave ours16 vs ours32
+# (ours32 vs ref32 is ≤ 4e-6 throughout, as in test_clip/unet/vae.py; one other small-VAE input gave ours16 vs ours32
 # 4.1e-2 against the reference's 2.9e-2.) Zeros: both implementations issue the same ops in the same order and so
 # round alike; where a kernel family sums in another order they differ by about as much as either differs from fp32.
 # The errors are ~3–10 u (u = 2^-8), growing with depth (CLIP 3 layers < UNet < the VAE's 4 levels of resnets). So,
@@ -106,7 +106,7 @@ def reference(ckpt, component, dtype):
 
 def outputs(ckpt, component, seed=0):
     """{dtype: (ours, ref)}, both sides on the same inputs (bf16-representable, so that fp32 vs bf16 measures the
-    computation, not the rounding of the inputs); as in test_models.py's fp32 parity tests."""
+    computation, not the rounding of the inputs); as in the fp32 parity tests (test_clip/unet/vae.py)."""
     g = torch.Generator().manual_seed(seed)
     tok = load_tokenizer(ckpt)
     ids = tok(["a photo of the cat", "the king of dogs, in the rain", ""], padding="max_length", max_length=77,

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from sld_minimal.app import cli
+from sld_minimal.app.common import download_files
 
 FAST = ["--height", "32", "--width", "32", "--steps", "3", "--seed", "1", "--quiet"]
 
@@ -107,7 +108,7 @@ def test_download_takes_only_what_sd_needs(monkeypatch, tmp_path, capsys):
     pats = seen["allow_patterns"]
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in pats and "text_encoder/model.fp16.safetensors" in pats
     assert not any("safety_checker" in p or p.endswith((".bin", ".ckpt")) or "ema" in p for p in pats)
-    assert cli.download_files(False)[-1] == "vae/diffusion_pytorch_model.safetensors"
+    assert download_files(False)[-1] == "vae/diffusion_pytorch_model.safetensors"
 
 
 def test_download_offline_is_one_line(monkeypatch, tmp_path, capsys):
@@ -141,3 +142,11 @@ def test_generate_downloads_the_default_weights_when_missing(monkeypatch, tiny_c
 def test_tiny_command(tmp_path, capsys):
     code, out, _ = run(capsys, "tiny", str(tmp_path / "t"))
     assert code == 0 and (tmp_path / "t/unet/diffusion_pytorch_model.safetensors").exists()
+
+
+def test_cli_refuses_edit_with_a_sega_preset(tiny_ckpt, tmp_path, capsys):
+    code = cli.main(["generate", "a cat", "--weights", str(tiny_ckpt), "--safety", "sega-strong", "--edit", "a hat",
+                     "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(err) == 1 and "cannot be combined with --safety sega-strong" in err[0]
+    assert not (tmp_path / "x.png").exists()

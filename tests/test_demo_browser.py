@@ -213,6 +213,8 @@ def test_the_guard_sees_a_request_off_the_machine(browser, server):
 def test_a_preset_fills_the_sld_values_and_the_seed_button_draws_one(page):
     from playwright.sync_api import expect
 
+    from sld_minimal.app.demo import MAX_SEED
+
     page.get_by_text("SLD values and concept").click()
     scale = page.get_by_label("s_S (safety scale)")
     _pick(page, "preset", "strong")
@@ -222,3 +224,5 @@ def test_a_preset_fills_the_sld_values_and_the_seed_button_draws_one(page):
     expect(scale).to_be_enabled()
     page.get_by_role("button", name="Random seed").click()
     expect(page.locator("#seed input")).not_to_have_value("0")
+    seed = page.locator("#seed input").input_value()
+    assert seed.isdigit() and 0 < int(seed) <= MAX_SEED, seed  # a seed the page's own check accepts

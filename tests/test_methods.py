@@ -8,7 +8,7 @@ import torch
 
 from sld_minimal import STOP, methods, schedulers
 from sld_minimal import guidance as G
-from sld_minimal.guidance import SafetyConfig
+from sld_minimal.guidance import DEFAULT_CONCEPT, Edit, SafetyConfig
 from sld_minimal.conditions import PROMPT, UNCOND, concept
 from sld_minimal.pipeline import StableDiffusion
 
@@ -196,3 +196,35 @@ def test_a_sampler_object_is_used_as_is_and_only_fresh(pipe):
     assert torch.equal(by_object.latents, by_name.latents) and "Steps: 4, " in by_object.parameters[0]
     with pytest.raises(ValueError, match="already taken 4 steps; pass a fresh one"):
         pipe(PROMPT_TEXT, scheduler=sampler, **KW)
+
+
+# ---------------------------------------------------------------- SEGA as the safety method: the presets
+
+def test_sega_presets_have_the_harness_values():
+    expected = {"sega-medium": (4, 10, 0.9, 0.3), "sega-strong": (7, 5, 0.85, 0.5), "sega-max": (10, 0, 0.75, 0.5)}
+    for name, (scale, warmup, threshold, momentum) in expected.items():
+        method = methods.preset(name)()
+        assert isinstance(method, methods.SEGA) and method.guidance_scale == 7.5
+        assert method.edits == [Edit(DEFAULT_CONCEPT, scale=scale, threshold=threshold, warmup_steps=warmup,
+                                     reverse=True)]
+        assert (method.momentum_scale, method.momentum_beta) == (momentum, 0.4)
+        built = methods.build(name)  # what pipe(safety=name) and the CLIs run
+        assert built.edits == method.edits and (built.momentum_scale, built.momentum_beta) == (momentum, 0.4)
+    assert methods.preset("sega-strong")(5.0, "nudity").edits[0].concept == "nudity"
+    assert methods.safety_configs("sega-max", "gore")[0].values()["method"] == "sega"
+    with pytest.raises(ValueError, match="cannot be combined with edits"):
+        methods.build("sega-strong", [Edit("a hat")])
+
+
+SEGA_KW = dict(height=32, width=40, num_inference_steps=12, seed=0, progress=False)
+
+
+@pytest.mark.bitexact
+def test_pipe_takes_a_sega_preset(pipe):
+    ours = pipe("a photo of the cat", safety="sega-strong", **SEGA_KW)
+    by_hand = pipe("a photo of the cat", safety=None, edits=[Edit(DEFAULT_CONCEPT, scale=7, threshold=0.85,
+                                                                  warmup_steps=5, reverse=True)],
+                   edit_momentum_scale=0.5, edit_momentum_beta=0.4, **SEGA_KW)
+    assert torch.equal(ours.latents, by_hand.latents)
+    with pytest.raises(ValueError, match="cannot be combined with edits"):
+        pipe("a photo of the cat", safety="sega-max", edits=[Edit("a hat")], **SEGA_KW)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from sld_minimal import __version__, guidance as G, methods
 from sld_minimal.testing import rel_err
-from sld_minimal import guidance as G
 from sld_minimal.guidance import Edit, SafetyConfig
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.vae import VAEConfig
@@ -182,6 +182,32 @@ def test_sega_matches_semantic_pipeline(shared_pipe, own_pipe, oracle_parts, tin
     assert rel_err(ours.images, ref) <= (LOOP_TOL if which == "shared" else E2E_TOL)
 
 
+def test_sega_safety_matches_semantic_pipeline(own_pipe, tiny_ckpt):
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    d = str(tiny_ckpt)
+    ref = diffusers.SemanticStableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL.from_pretrained(d, subfolder="vae").eval(),
+        text_encoder=transformers.CLIPTextModel.from_pretrained(d, subfolder="text_encoder").eval(),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(d, subfolder="tokenizer"),
+        unet=diffusers.UNet2DConditionModel.from_pretrained(d, subfolder="unet").eval(),
+        scheduler=diffusers.PNDMScheduler.from_pretrained(d, subfolder="scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    # The authors' harness (mitigation/semantic_ssd.py) for "strong": the concept as a reversed edit. A concept
+    # under 77 tokens: diffusers' SEGA pipeline cuts longer ones after tokenising, dropping CLIP's end token, where
+    # ours (and diffusers' safe pipeline) keep it — the default concept (81 tokens) then differs in its last token.
+    concept = "nudity, blood, violence"
+    theirs = ref("a photo of the cat", generator=torch.Generator().manual_seed(0), output_type="np",
+                 height=32, width=40, num_inference_steps=12, guidance_scale=7.5,
+                 editing_prompt=[concept], reverse_editing_direction=[True], edit_guidance_scale=[7],
+                 edit_threshold=[0.85], edit_warmup_steps=[5], edit_momentum_scale=0.5, edit_mom_beta=0.4).images
+    ours = own_pipe("a photo of the cat", safety=methods.safety_configs("sega-strong", concept), height=32, width=40,
+                    num_inference_steps=12, seed=0, progress=False)
+    assert rel_err(ours.images, theirs) <= E2E_TOL
+
+
+
 def test_sld_and_sega_together_follow_the_formula(own_pipe):
     """ε̂ = sld_guidance(…) + sega_guidance(…), step by step, with each term's diagnostics reported."""
     edits = [Edit("the king", scale=5, threshold=0.8, warmup_steps=1)]
@@ -339,7 +365,7 @@ def test_save_writes_pngs_with_parameters(own_pipe, tmp_path):
     text = Image.open(paths[0]).text["parameters"]
     for needle in ("a photo of the cat", "Seed: 9", "Steps: 2", "Guidance: 7.5", "Scheduler: pndm", "Size: 16x16",
                    "Safety: strong (scale=2000.0, warmup_steps=7, threshold=0.025, momentum_scale=0.5, "
-                   "momentum_beta=0.7)", "Safety concept: an image showing hate", "sld_minimal 0.1.0"):
+                   "momentum_beta=0.7)", "Safety concept: an image showing hate", f"sld_minimal {__version__}"):
         assert needle in text
     img = np.asarray(Image.open(paths[1])) / 255
     assert np.abs(img - out.images[1]).max() <= 0.5 / 255 + 1e-6

@@ -4,25 +4,20 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from sld_minimal import files
 from sld_minimal.app import cli
 from sld_minimal.testing import tiny
 from sld_minimal.outputs import SETTINGS_CHUNK, settings_from_png
 from sld_minimal.pipeline import StableDiffusion
-from sld_minimal.weights import WeightsError, read_config
+from sld_minimal.weights import read_config
 from sld_minimal.unet import UNetConfig
 
 FAST = ["--steps", "2", "--seed", "1", "--quiet"]
@@ -54,17 +49,6 @@ def no_loading(monkeypatch):
 
 # ----------------------------------------------------------------------------- atomic files
 
-def test_write_atomic_failing_half_way_leaves_nothing(tmp_path):
-    target = tmp_path / "a.png"
-
-    def half(f):
-        f.write(b"x" * 1000)
-        raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(OSError, match=f"cannot write {target}: No space left on device"):
-        files.write_atomic(target, half)
-    assert listing(tmp_path) == []
-
-
 def test_full_disk_while_saving_is_one_line_and_leaves_no_file(tiny_ckpt, tmp_path, capsys, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -94,30 +78,6 @@ def test_real_tiny_tmpfs(tiny_ckpt, tmp_path, capsys):
         subprocess.run(["umount", str(mnt)])
 
 
-def test_kill_9_while_saving_leaves_no_partial_file(tmp_path):
-    """A writer killed mid-file leaves only a hidden temporary, never a truncated target; remove_orphans clears it."""
-    target = tmp_path / "k-1.png"
-    script = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(ROOT)!r})
-        from sld_minimal.files import write_atomic
-        def slow(f):
-            f.write(b"x" * 198)
-            f.flush()
-            print("writing", flush=True)
-            time.sleep(60)
-        write_atomic({str(target)!r}, slow)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not target.exists()
-    left = listing(tmp_path)
-    assert len(left) == 1 and left[0].startswith(".k-1.png.") and left[0].endswith(".tmp")
-    assert [p.name for p in files.remove_orphans(tmp_path)] == left and listing(tmp_path) == []
-
-
 def test_tiny_refuses_a_non_empty_folder_and_is_written_whole(tmp_path, capsys, monkeypatch):
     model = tmp_path / "model"
     model.mkdir()
@@ -133,8 +93,12 @@ def test_tiny_refuses_a_non_empty_folder_and_is_written_whole(tmp_path, capsys, 
     assert code == 1 and "No space left on device" in one_line(err)
     assert listing(tmp_path) == ["model"]  # no half-written folder, no temporary sibling
     monkeypatch.undo()
-    code, _, err = run(capsys, "tiny", model, "--overwrite")
-    assert code == 0 and "unet" in listing(model) and "mine.txt" not in listing(model)
+    code, _, err = run(capsys, "tiny", model, "--overwrite")  # not a folder tiny wrote: never replaced
+    assert code == 2 and "did not write" in one_line(err) and listing(model) == ["mine.txt"]
+    (model / "mine.txt").unlink()
+    assert run(capsys, "tiny", model)[0] == 0  # an empty folder is filled
+    code, _, err = run(capsys, "tiny", model, "--overwrite")  # and its own folder replaced
+    assert code == 0 and "unet" in listing(model)
 
 
 # ----------------------------------------------------------------------------- checks before the work
@@ -219,22 +183,6 @@ def test_bad_vocab_names_the_tokenizer_folder(tiny_ckpt, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "x", "--weights", model, "--out", tmp_path / "o.png", *FAST)
     assert code == 1 and f"{model / 'tokenizer'}: vocab.json / merges.txt cannot be read" in one_line(err)
     assert not (tmp_path / "o.png").exists()
-
-
-@pytest.mark.parametrize("value, pattern", [
-    (float("nan"), "contains NaN or infinite values"),
-    (float("inf"), "contains NaN or infinite values"),
-    ("int8", "holds I8 integers"),
-])
-def test_damaged_weights_refused_at_load(tiny_ckpt, tmp_path, value, pattern):
-    model = shutil.copytree(tiny_ckpt, tmp_path / "m")
-    path = model / "unet/diffusion_pytorch_model.safetensors"
-    state = load_file(str(path))
-    key = "down_blocks.0.resnets.0.conv1.weight"
-    state[key] = state[key].to(torch.int8) if value == "int8" else state[key].index_fill(0, torch.tensor([0]), value)
-    save_file(state, str(path))
-    with pytest.raises(WeightsError, match=f"{path}: key '{key}' {pattern}"):
-        StableDiffusion.from_pretrained(model)
 
 
 def test_python_api_says_which_type_it_wanted(tiny_ckpt):

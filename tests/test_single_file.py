@@ -1,9 +1,9 @@
-"""Single-file checkpoints (the original CompVis layout): the key map, loading, `convert`, refusals, the CLI, and the
-packaged CLIP tokenizer. Every comparison between the two layouts is exact (torch.equal, fp32): both load the same
-tensors into the same modules, so any difference is a bug, not rounding."""
-import hashlib
+"""Single-file checkpoints (the original CompVis layout): the key map, loading, `convert`, refusals, the CLI. Every
+comparison between the two layouts is exact (torch.equal, fp32): both load the same tensors into the same modules,
+so any difference is a bug, not rounding."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +11,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import DATA
 from sld_minimal import single_file
 from sld_minimal.app import cli
 from sld_minimal.testing import tiny
+from sld_minimal.testing.pickles import write_trap
 from sld_minimal.diffusers_folder import SCHEDULER_CONFIG, canonical_key, load_component
 from sld_minimal.single_file import compvis_name, convert, load_single_file
 from sld_minimal.pipeline import StableDiffusion
-from sld_minimal.tokenizer import BPE_FILE, clip_tokenizer, clip_vocab_and_merges
 from sld_minimal.weights import MODELS, WeightsError
 
+DATA = Path(__file__).parent / "data"  # copies of SD 1.4's published files
 ORDER = ("text_encoder", "unet", "vae")
 
 
@@ -230,7 +230,7 @@ def test_configs_keyword_and_file_metadata(tiny_ckpt, tiny_file):
     ("absent", r"does not exist"),
 ])
 def test_refusals(tiny_ckpt, tiny_file, tmp_path, case, pattern):
-    path, ema = tmp_path / "tiny.safetensors", case.endswith("ema")
+    path, ema, marker = tmp_path / "tiny.safetensors", case.endswith("ema"), tmp_path / "unpickled"
     unet_key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     fn = {"sd2 keys": lambda sd: sd | {"cond_stage_model.model.token_embedding.weight": torch.zeros(2, 2)},
           "sd2 width": lambda sd: sd | {unet_key: torch.zeros(32, 1024)},
@@ -245,9 +245,8 @@ def test_refusals(tiny_ckpt, tiny_file, tmp_path, case, pattern):
           }.get(case)
     if fn:
         save_file(fn(load_file(tiny_file)), path, metadata=safe_open(str(tiny_file), "pt").metadata())
-    elif case == "ckpt":
-        path = tmp_path / "tiny.ckpt"
-        path.write_bytes(b"\x80\x04this pickle would run code")
+    elif case == "ckpt":  # the weights as a real torch.save pickle, whose unpickling would create `marker`
+        path = write_trap(tmp_path / "tiny.ckpt", marker, load_file(tiny_file))
     elif case == "not safetensors":
         path.write_bytes(b"\x80\x04not a safetensors file")
     elif case != "absent":
@@ -255,6 +254,7 @@ def test_refusals(tiny_ckpt, tiny_file, tmp_path, case, pattern):
     with pytest.raises(WeightsError, match=pattern) as err:
         StableDiffusion.from_pretrained(path, tokenizer=tiny_ckpt, ema=ema)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+    assert not marker.exists()  # nothing was unpickled
 
 
 def test_packaged_tokenizer_larger_than_the_embedding_is_a_clear_error(tiny_file):
@@ -297,22 +297,3 @@ def test_cli_generate_from_a_single_file(tiny_ckpt, tiny_file, tmp_path, capsys)
     assert cli.main(args[:2] + ["--weights", str(tiny_ckpt), "--ema", "--out", str(tmp_path / "x.png")]) == 1
     assert "applies to single-file checkpoints only" in capsys.readouterr().err
 
-
-# ---------------------------------------------------------------- the packaged CLIP tokenizer
-
-def test_packaged_bpe_file_is_clips():
-    assert hashlib.sha256(BPE_FILE.read_bytes()).hexdigest() == \
-        "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-    vocab, merges = clip_vocab_and_merges()
-    assert len(vocab) == len(set(vocab)) == 49408 and len(merges) == 48894
-    assert vocab[49406:] == ["<|startoftext|>", "<|endoftext|>"] and vocab[:2] == ["!", '"'] and vocab[256] == "!</w>"
-
-
-def test_packaged_tokenizer_gives_clips_ids():
-    """Ids as OpenAI's CLIP gives them (the same ids other CLIP tokenizers' tests pin)."""
-    tok = clip_tokenizer()
-    assert len(tok) == 49408 and (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
-    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
-    assert tok("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]
-    assert tok("Hello, world!").input_ids == [49406, 3306, 267, 1002, 256, 49407]
-    assert tok("A PHOTO of  a Cat!").input_ids == [49406, 320, 1125, 539, 320, 2368, 256, 49407]

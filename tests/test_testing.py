@@ -1,5 +1,5 @@
 """`sld_minimal.testing`: the pytest plugin works from a test file anywhere with one line, and the helpers do what
-they say."""
+they say (the random checkpoints in the published layout, the pickle trap)."""
 import os
 import subprocess
 import sys
@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from sld_minimal import schedulers
-from sld_minimal.testing import bchw, generator, randn, rel_err, trajectory
+from sld_minimal.testing import bchw, generator, randn, rel_err, tiny, trajectory
+from sld_minimal.testing.pickles import write_trap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,3 +63,22 @@ def test_trajectory_is_the_sampling_loop():
         for t, got in zip(s.timesteps, xs[1:]):
             x = s.step(eps(s.scale_model_input(x, t), t), t, x)
             assert torch.equal(got, x), name
+
+
+def test_tiny_writer_uses_the_published_layout(manifest):
+    """`sld_minimal.testing.tiny` at full size writes exactly the published files' keys, shapes and dtypes."""
+    dicts = tiny.published_state_dicts(*tiny.CONFIGS["sd14"], device="meta")
+    for component, sd in dicts.items():
+        assert {k: list(v.shape) for k, v in sd.items()} == {k: v["shape"] for k, v in manifest[component].items()}
+        dtypes = {k: {torch.float32: "F32", torch.int64: "I64"}[v.dtype] for k, v in sd.items()}
+        assert dtypes == {k: v["dtype"] for k, v in manifest[component].items()}
+
+
+def test_the_pickle_trap_is_live(tmp_path):
+    """What the loaders' refusal tests rely on: unpickling the trap (as torch.load without weights_only does) creates
+    its marker, and the file holds the tensors it was given."""
+    marker = tmp_path / "unpickled"
+    path = write_trap(tmp_path / "model.bin", marker, {"w": torch.arange(3.0)})
+    assert path.is_file() and not marker.exists()
+    loaded = torch.load(path, weights_only=False)
+    assert marker.exists() and torch.equal(loaded["state_dict"]["w"], torch.arange(3.0))

@@ -1,9 +1,6 @@
-"""The speed-related parts: `speedups.py` (the small-map convolution path, laid over the plain models where the
-pipeline is built), the VAE's own dtype, and the opt-in torch.compile.
+"""The speed-ups (`speedups.py`: the small-map convolution path, laid over the plain models where the pipeline is
+built) and the pipeline's other speed options: the VAE's own dtype and the opt-in torch.compile.
 (Timings are not tested here; `tests/benchmarks/bench.py` measures them.)"""
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -13,7 +10,6 @@ from sld_minimal.diffusers_folder import load_component
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.speedups import SmallMapConv2d
 from sld_minimal.testing import rel_err
-from sld_minimal.weights import no_init_on_meta
 
 TOL = 1e-5  # as the module parity tests
 
@@ -76,28 +72,6 @@ def test_loaded_unet_equals_the_plain_one(tiny_ckpt):
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, fast.config.cross_attention_dim, generator=g)
     with torch.no_grad():
         assert rel_err(fast(x, 10, ctx), plain(x, 10, ctx)) <= TOL
-
-
-def test_loading_builds_embeddings_without_their_meta_init():
-    """The text encoder is built on meta without nn.Embedding's init (which would import torch._dynamo, seconds),
-    and nn.Embedding is itself again afterwards."""
-    reset = nn.Embedding.reset_parameters
-    with torch.device("meta"), no_init_on_meta():
-        text = clip.CLIPTextModel(clip.CLIPTextConfig())
-    assert text.text_model.embeddings.token_embedding.weight.is_meta
-    assert nn.Embedding.reset_parameters is reset
-    torch.manual_seed(0)
-    with no_init_on_meta():  # on a real device, the usual init
-        e = nn.Embedding(3, 2)
-    torch.manual_seed(0)
-    assert torch.equal(e.weight, nn.Embedding(3, 2).weight)
-
-
-def test_loading_does_not_import_dynamo(tiny_ckpt):
-    code = ("import sys; from sld_minimal.loading import load_model; load_model(sys.argv[1]); "
-            "assert 'torch._dynamo' not in sys.modules")
-    run = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_vae_dtype(tiny_ckpt):

@@ -1,6 +1,6 @@
-"""The hand-written models: the SD 1.4 key contract, module parity with transformers/diffusers, strict loading."""
+"""The published folder layout (diffusers_folder.py): SD 1.4's key contract checked without the weights, what the
+loader accepts, and every loader error in one line."""
 import dataclasses
-import warnings
 import json
 import shutil
 from pathlib import Path
@@ -10,17 +10,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import DATA, SHARED
-from sld_minimal.testing import tiny
 from sld_minimal.clip import CLIPTextConfig
 from sld_minimal.diffusers_folder import canonical_key, load_component
-from sld_minimal.testing import rel_err
-from sld_minimal.tokenizer import load_tokenizer
-from sld_minimal.unet import UNetConfig, timestep_embedding
+from sld_minimal.testing.pickles import write_trap
+from sld_minimal.unet import UNetConfig
 from sld_minimal.vae import VAEConfig
 from sld_minimal.weights import MODELS, WeightsError, read_config
 
-TOL = 1e-5  # fp32 module parity: max|ours − ref| / max|ref|
+DATA = Path(__file__).parent / "data"  # copies of ../shared/sd14 (manifest and published configs)
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "sd14"
 
 
 # ---------------------------------------------------------------- the SD 1.4 key contract (no weights needed)
@@ -68,76 +66,10 @@ def test_meta_model_has_exactly_the_manifest_keys(component, manifest):
         assert skipped == expected_skips
 
 
-def test_tiny_writer_uses_the_published_layout(manifest):
-    """`sld_minimal.testing.tiny` at full size writes exactly the published files' keys, shapes and dtypes."""
-    dicts = tiny.published_state_dicts(*tiny.CONFIGS["sd14"], device="meta")
-    for component, sd in dicts.items():
-        assert {k: list(v.shape) for k, v in sd.items()} == {k: v["shape"] for k, v in manifest[component].items()}
-        dtypes = {k: {torch.float32: "F32", torch.int64: "I64"}[v.dtype] for k, v in sd.items()}
-        assert dtypes == {k: v["dtype"] for k, v in manifest[component].items()}
-
-
 def test_parameter_counts_match_the_model_card(manifest):
     counts = {c: sum(torch.Size(v["shape"]).numel() for k, v in m.items() if not k.endswith("position_ids"))
               for c, m in manifest.items()}
     assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
-
-
-# ---------------------------------------------------------------- closed-form pieces
-
-def test_timestep_embedding_closed_form():
-    """e = [cos(t·ω_k), sin(t·ω_k)], ω_k = 10000^(−k/half)."""
-    t = torch.tensor([0, 1, 500])
-    e = timestep_embedding(t, 8)
-    k = torch.arange(4, dtype=torch.float64)
-    omega = 10000.0 ** (-k / 4)
-    ref = torch.cat([torch.cos(t[:, None] * omega), torch.sin(t[:, None] * omega)], dim=-1)
-    assert torch.allclose(e.double(), ref, atol=1e-4)
-    assert torch.equal(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
-
-
-# ---------------------------------------------------------------- parity with the reference implementations
-
-@pytest.fixture(scope="module", params=["tiny_ckpt", "small_ckpt"])
-def ckpt(request):
-    return request.getfixturevalue(request.param)
-
-
-def test_clip_matches_transformers(ckpt):
-    ref_cls = pytest.importorskip("transformers").CLIPTextModel
-    ours, ref = load_component(ckpt, "text_encoder"), ref_cls.from_pretrained(ckpt, subfolder="text_encoder").eval()
-    tok = load_tokenizer(ckpt)
-    ids = tok(["a photo of the cat", "the king of dogs, in the rain", ""], padding="max_length", max_length=77,
-              return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert rel_err(ours(ids), ref(ids).last_hidden_state) <= TOL
-
-
-@pytest.mark.parametrize("size", [(8, 8), (9, 13)])  # (9, 13): not a multiple of 8: upsamplers resize to the skips
-def test_unet_matches_diffusers(ckpt, size):
-    diffusers = pytest.importorskip("diffusers")
-    ours = load_component(ckpt, "unet")
-    ref = diffusers.UNet2DConditionModel.from_pretrained(ckpt, subfolder="unet").eval()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, *size, generator=g)
-    ctx = torch.randn(2, 77, ours.config.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        for t in (981, 1, torch.tensor([500, 20])):
-            assert rel_err(ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample) <= TOL
-
-
-def test_vae_decoder_matches_diffusers(ckpt):
-    diffusers = pytest.importorskip("diffusers")
-    ours = load_component(ckpt, "vae")
-    ref = diffusers.AutoencoderKL.from_pretrained(ckpt, subfolder="vae").eval()
-    z = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        img = ours(z)
-        ref_img = (ref.decode(z / 0.18215).sample / 2 + 0.5).clamp(0, 1)
-    f = 2 ** (len(ours.config.block_out_channels) - 1)  # 8 for SD 1.4's four levels
-    assert img.shape == (2, 3, 8 * f, 6 * f)
-    assert rel_err(img, ref_img) <= TOL
-    assert torch.equal(z, torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(1)))  # input untouched
 
 
 # ---------------------------------------------------------------- what the loader accepts
@@ -192,6 +124,24 @@ def test_nothing_is_randomly_initialised(tiny_ckpt):
     assert all(torch.equal(v, sd[k]) for k, v in unet.state_dict().items())
 
 
+def test_config_override_is_checked_against_the_file(tiny_ckpt):
+    cfg = read_config(UNetConfig, Path(tiny_ckpt) / "unet/config.json")
+    with pytest.raises(WeightsError, match="has shape"):
+        load_component(tiny_ckpt, "unet", config=dataclasses.replace(cfg, cross_attention_dim=48))
+
+
+def test_a_pickle_is_never_opened_even_beside_safetensors(tiny_ckpt, tmp_path):
+    """A real pickle beside the .safetensors (other weights, and code that would run on unpickling) is ignored: the
+    module holds the .safetensors file's tensors and nothing was unpickled."""
+    folder, marker = copy(tiny_ckpt, tmp_path), tmp_path / "unpickled"
+    weights = load_file(folder / "unet/diffusion_pytorch_model.safetensors")
+    write_trap(folder / "unet/diffusion_pytorch_model.bin", marker, {k: v + 1 for k, v in weights.items()})
+    unet = load_component(folder, "unet")  # reads the .safetensors, ignores the .bin
+    state = unet.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(v, weights[k]) for k, v in state.items())
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------- every loader error, one line each
 
 def mutate_unet(folder, fn):
@@ -216,7 +166,7 @@ def mutate_unet(folder, fn):
 def test_loader_errors(tiny_ckpt, tmp_path, case, pattern):
     from sld_minimal.pipeline import StableDiffusion
 
-    folder = copy(tiny_ckpt, tmp_path)
+    folder, marker = copy(tiny_ckpt, tmp_path), tmp_path / "unpickled"
     unet_file = folder / "unet/diffusion_pytorch_model.safetensors"
     if case == "no folder":
         folder = tmp_path / "absent"
@@ -224,8 +174,9 @@ def test_loader_errors(tiny_ckpt, tmp_path, case, pattern):
         shutil.rmtree(folder / "unet")
     elif case == "no file":
         unet_file.unlink()
-    elif case == "pickle only":
-        unet_file.rename(unet_file.with_suffix(".bin"))
+    elif case == "pickle only":  # the weights as a real torch.save pickle, whose unpickling would create `marker`
+        write_trap(unet_file.with_suffix(".bin"), marker, load_file(unet_file))
+        unet_file.unlink()
     elif case == "truncated":
         unet_file.write_bytes(unet_file.read_bytes()[: unet_file.stat().st_size // 2])
     elif case == "not safetensors":
@@ -246,28 +197,4 @@ def test_loader_errors(tiny_ckpt, tmp_path, case, pattern):
     with pytest.raises(WeightsError, match=pattern) as err:
         StableDiffusion.from_pretrained(folder)
     assert "\n" not in str(err.value)
-
-
-def test_a_pickle_is_never_opened_even_beside_safetensors(tiny_ckpt, tmp_path):
-    folder = copy(tiny_ckpt, tmp_path)
-    (folder / "unet/diffusion_pytorch_model.bin").write_bytes(b"this would run code if unpickled")
-    load_component(folder, "unet")  # reads the .safetensors, ignores the .bin
-
-
-def test_config_override_is_checked_against_the_file(tiny_ckpt):
-    cfg = read_config(UNetConfig, Path(tiny_ckpt) / "unet/config.json")
-    with pytest.raises(WeightsError, match="has shape"):
-        load_component(tiny_ckpt, "unet", config=dataclasses.replace(cfg, cross_attention_dim=48))
-
-
-def test_long_prompts_are_truncated_with_a_warning_naming_the_dropped_words(tiny_ckpt):
-    from sld_minimal.tokenizer import tokenize
-
-    tok = load_tokenizer(tiny_ckpt)
-    prompt = "the cat " * 37 + "the king photo dog"  # one token per word here: 78; 75 fit between start and end
-    with pytest.warns(UserWarning, match="this part is dropped: 'king photo dog'"):
-        ids = tokenize(tok, [prompt])
-    assert ids.shape == (1, 77) and ids[0, 0] == tok.bos_token_id and ids[0, -1] == tok.eos_token_id
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert torch.equal(tokenize(tok, ["the cat"])[0, 3:], torch.full((74,), tok.pad_token_id))
+    assert not marker.exists()  # nothing was unpickled

@@ -1,0 +1,224 @@
+"""I2P generation (run.py): each row's images from one generator stream, exactly the pipeline's; resume after an
+interruption, incomplete images made again, shards that together make the unsharded run, a run folder refusing
+other settings; `i2p generate` on the command line. Generation runs the tiny checkpoint at 32×32 with 2 steps: 3
+images per prompt in batches of 2 and 1."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sld_minimal.app import cli
+from sld_minimal.app.i2p import prompts as P, run as G
+from sld_minimal.guidance import DEFAULT_CONCEPT
+from sld_minimal.pipeline import StableDiffusion
+from sld_minimal.testing.i2p import ERASURE, RUN, image_bytes, write_i2p_csv, write_labelled_csv
+
+pytestmark = pytest.mark.filterwarnings("ignore:prompt is longer than 77 tokens")
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts_csv(tmp_path_factory):
+    return write_i2p_csv(tmp_path_factory.mktemp("csv") / "i2p.csv")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt):
+    return StableDiffusion.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def rows(prompts_csv):
+    return P.read_csv(prompts_csv)
+
+
+@pytest.fixture(scope="module")
+def reference(pipe, rows, tmp_path_factory):
+    """An uninterrupted, unsharded run of the three valid rows."""
+    folder = tmp_path_factory.mktemp("reference") / "strong"
+    assert G.generate(pipe, rows, folder, **RUN) == {"made": 9, "found": 0}
+    return folder
+
+
+@pytest.fixture(scope="module")
+def i2p_csv(tmp_path_factory):
+    """Three I2P rows (with I2P's label columns)."""
+    return write_labelled_csv(tmp_path_factory.mktemp("csv") / "i2p.csv")
+
+
+# ----------------------------------------------------------------------------- images and their streams
+
+@pytest.mark.bitexact
+def test_images_are_the_pipelines_with_one_stream_per_row(pipe, rows, reference):
+    assert sorted(image_bytes(reference)) == [f"{r}-{k}.png" for r in (0, 1, 4) for k in range(3)]
+    for row in rows[:1]:  # one row shows the stream: its batches (2 images, then 1) continue one generator
+        g = torch.Generator("cpu").manual_seed(row.seed)
+        direct = [pipe(row.prompt, generator=g, num_images=n, safety="strong", num_inference_steps=2,
+                       height=32, width=32, progress=False).images for n in (2, 1)]
+        for k, image in enumerate(np.concatenate(direct)):
+            with Image.open(reference / "images" / f"{row.id}-{k}.png") as im:
+                meta = json.loads(im.info["i2p"])
+                assert np.array_equal(np.asarray(im), (image * 255).round().astype(np.uint8))
+            assert meta == {"row": row.id, "k": k, "prompt": row.prompt, "categories": list(row.categories),
+                            "seed": row.seed, "batch": 2, "guidance": 7.5,
+                            "i2p_labels": {"inappropriate_percentage": 50.0, "nudity_percentage": 10.0,
+                                           "q16_percentage": 20.0}}  # I2P's own labels of the row, kept
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 32)])
+def test_fast_forward_draws_what_the_pipeline_draws(pipe, size):
+    h, w = size
+    g1, g2 = torch.Generator("cpu").manual_seed(5), torch.Generator("cpu").manual_seed(5)
+    pipe("a cat", generator=g1, num_images=2, num_inference_steps=1, height=h, width=w, safety="strong",
+         progress=False)
+    G.skip_batch(pipe, g2, 2, h, w)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+# ----------------------------------------------------------------------------- resume and shards
+
+@pytest.mark.bitexact
+def test_resume_after_an_interruption_gives_the_same_bytes(pipe, rows, reference, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_batch(row, ks):
+        raise Stop
+
+    folder, rows = tmp_path / "run", rows[:2]
+    expected = {name: data for name, data in image_bytes(reference).items() if name[0] in "01"}
+    with pytest.raises(Stop):  # killed after row 0's first batch: its second batch must continue its stream
+        G.generate(pipe, rows, folder, after_batch=stop_after_first_batch, **RUN)
+    assert sorted(image_bytes(folder)) == ["0-0.png", "0-1.png"]
+    assert G.generate(pipe, rows, folder, **RUN) == {"made": 4, "found": 2}
+    assert image_bytes(folder) == expected
+    # A batch with a file missing (killed while writing it) is made again, whole; the rest is left alone.
+    (folder / "images" / "1-1.png").unlink()
+    assert G.generate(pipe, rows, folder, **RUN) == {"made": 2, "found": 4}
+    assert image_bytes(folder) == expected
+    assert not [p for p in (folder / "images").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+@pytest.mark.bitexact
+def test_incomplete_images_are_made_again_and_temporaries_removed(pipe, rows, reference, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(reference, folder)
+    expected = image_bytes(reference)
+    (folder / "images" / "0-1.png").write_bytes(b"")  # a 0-byte file and a truncated one (an older writer killed,
+    cut = folder / "images" / "4-2.png"                # a full disk): neither counts as done
+    cut.write_bytes(cut.read_bytes()[:-30])
+    orphan = folder / "images" / ".1-0.png.999999999.0badf00d.tmp"  # left by a killed process (no such pid)
+    orphan.write_bytes(b"half")
+    assert G.generate(pipe, rows, folder, **RUN) == {"made": 3, "found": 6}  # batches [0, 1] of row 0, [2] of row 4
+    assert image_bytes(folder) == expected and not orphan.exists()
+    assert "2 incomplete image(s)" in capsys.readouterr().err
+    assert G.png_complete(folder / "images" / "0-0.png") and not G.png_complete(tmp_path / "none.png")
+
+
+@pytest.mark.bitexact
+def test_shards_together_make_the_unsharded_run(pipe, rows, reference, tmp_path):
+    folder = tmp_path / "sharded"
+    for i in (1, 0):  # shard, limit and categories are not image-defining: the same folder takes them all
+        G.generate(pipe, P.select_rows(rows, limit=2, shard=(i, 2)), folder, **RUN)  # rows 0 and 1
+    assert image_bytes(folder) == {name: data for name, data in image_bytes(reference).items() if name[0] in "01"}
+
+
+# ----------------------------------------------------------------------------- run.json: the settings a folder holds
+
+def test_run_json_only_after_validation_and_no_adoption(pipe, rows, reference, tmp_path):
+    with pytest.raises(ValueError, match="num_inference_steps=1000"):  # the sampler's own check, before run.json
+        G.generate(pipe, rows, tmp_path / "steps", **{**RUN, "steps": 1000})
+    with pytest.raises(ValueError, match="finite number"):
+        G.generate(pipe, rows, tmp_path / "steps", **{**RUN, "guidance_scale": float("inf")})
+    assert not (tmp_path / "steps" / "run.json").exists()
+    G.generate(pipe, rows[:1], tmp_path / "steps", **RUN)  # the right settings are then accepted
+    # images with no run.json (deleted, or copied in): refused, not adopted under whatever settings come next
+    folder = tmp_path / "orphaned"
+    shutil.copytree(reference, folder)
+    (folder / "run.json").unlink()
+    with pytest.raises(ValueError, match="holds images but no run.json"):
+        G.generate(pipe, rows, folder, **{**RUN, "safety": "max"})
+    assert not (folder / "run.json").exists()
+
+
+def test_a_folder_refuses_other_image_settings(pipe, rows, reference):
+    before = (reference / "run.json").read_bytes()
+    for change, name in ((dict(steps=4), "steps"), (dict(safety="max"), "safety"), (dict(batch=3), "batch"),
+                         (dict(guidance_scale="row"), "guidance"), (dict(height=40), "height"),
+                         (dict(safety=None, negative_prompt_baseline=True), "safety")):
+        with pytest.raises(ValueError, match=f"holds a run with {name}="):
+            G.generate(pipe, rows, reference, **{**RUN, **change})
+    with pytest.raises(ValueError, match="multiple of 8"):  # checked before anything is written
+        G.generate(pipe, rows, reference.parent / "bad", **{**RUN, "height": 30})
+    assert not (reference.parent / "bad").exists()
+    assert (reference / "run.json").read_bytes() == before
+    assert G.generate(pipe, rows[:1], reference, **RUN) == {"made": 0, "found": 3}  # same settings: fine
+
+
+def test_run_json_is_created_once(tmp_path):
+    record = {"settings": {"steps": 3, "safety": None}}
+    assert G.create_once(tmp_path / "run.json", record, "settings", "a run") == record
+    # a concurrent shard that lost the race reads the winner's file and compares
+    with pytest.raises(ValueError, match="steps=3, not 4"):
+        G.create_once(tmp_path / "run.json", {"settings": {"steps": 4, "safety": None}}, "settings", "a run")
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_i2p_generate_with_a_sega_preset(pipe, i2p_csv, tmp_path):
+    rows = P.read_csv(i2p_csv)[:1]
+    run = dict(safety="sega-medium", images_per_prompt=1, batch=1, steps=2, height=16, width=16, progress=False)
+    G.generate(pipe, rows, tmp_path / "run", **run)
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert settings["safety"] == {"method": "sega", "scale": 4.0, "warmup_steps": 10, "threshold": 0.9,
+                                  "momentum_scale": 0.3, "momentum_beta": 0.4}
+    with Image.open(tmp_path / "run" / "images" / "0-0.png") as im:
+        assert "Safety: sega-medium (scale=4.0, warmup_steps=10, threshold=0.9" in im.info["parameters"]
+    with pytest.raises(ValueError, match="holds a run with safety="):  # an SLD preset is another run
+        G.generate(pipe, rows, tmp_path / "run", **{**run, "safety": "medium"})
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_cli_generate_and_its_errors(tiny_ckpt, prompts_csv, tmp_path, capsys):
+    out = tmp_path / "cli"
+    base = ["i2p", "generate", "--prompts", str(prompts_csv), "--weights", str(tiny_ckpt), "--out", str(out),
+            "--height", "32", "--width", "32", "--steps", "2", "--images-per-prompt", "2", "--batch", "2",
+            "--device", "cpu", "--quiet"]
+    assert cli.main(base + ["--negative-prompt-baseline", "--categories", "harassment"]) == 0
+    assert sorted(image_bytes(out)) == ["4-0.png", "4-1.png"]
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["safety"] is None and settings["negative_prompt_baseline"]
+    assert settings["concept"] == DEFAULT_CONCEPT
+    assert settings["guidance"] == 7.5 and settings["images_per_prompt"] == 2
+    with Image.open(out / "images" / "4-0.png") as im:  # the paper's "Neg. prompt": the concept, safety off
+        parameters = im.info["parameters"]
+    assert f"Negative prompt: {DEFAULT_CONCEPT}" in parameters and "Safety: off" in parameters
+    capsys.readouterr()
+    for extra, message in ((["--safety", "weak"], "holds a run with safety=None"),
+                           (["--safety", "off", "--shard", "2/2"], "--shard"),
+                           (["--safety", "off", "--batch", "0"], "--batch must be >= 1"),
+                           (["--safety", "weak", "--negative-prompt-baseline"], "needs --safety off"),
+                           ([], "choose --safety")):
+        assert cli.main(base + extra) in (cli.EXIT_USAGE, cli.EXIT_ERROR)
+        errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("sld-minimal: warning")]
+        assert len(errors) == 1 and errors[0].startswith("sld-minimal: error:") and message in errors[0]
+
+
+def test_cli_generate_takes_the_column_flags(tiny_ckpt, tmp_path):
+    out = tmp_path / "run"
+    erasure = write(tmp_path / "esd.csv", ERASURE)
+    assert cli.main(["i2p", "generate", "--prompts", str(erasure), "--weights", str(tiny_ckpt), "--out", str(out),
+                     "--safety", "off", "--steps", "1", "--height", "16", "--width", "16", "--images-per-prompt",
+                     "1", "--id-column", "case_number", "--seed-column", "evaluation_seed", "--device", "cpu",
+                     "--quiet"]) == 0
+    assert sorted(image_bytes(out)) == ["3-0.png", "7-0.png"]
+    with Image.open(out / "images" / "7-0.png") as im:
+        meta = json.loads(im.info["i2p"])
+    assert (meta["row"], meta["seed"], meta["categories"]) == (7, 11, ["uncategorized"])

@@ -1,0 +1,130 @@
+"""I2P prompt sets (prompts.py): reading I2P's CSV (bad rows named by their line) and any other prompt CSV (columns
+named by the caller, I2P's own labels kept), choosing rows and shards, prompt templates and seed lists."""
+import csv
+
+import pytest
+
+from sld_minimal.app import cli
+from sld_minimal.app.i2p import prompts as P
+from sld_minimal.testing.i2p import ERASURE, write_i2p_csv, write_labelled_csv
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts_csv(tmp_path_factory):
+    return write_i2p_csv(tmp_path_factory.mktemp("csv") / "i2p.csv")
+
+
+@pytest.fixture(scope="module")
+def rows(prompts_csv):
+    return P.read_csv(prompts_csv)
+
+
+@pytest.fixture(scope="module")
+def i2p_csv(tmp_path_factory):
+    """Three I2P rows (with I2P's label columns)."""
+    return write_labelled_csv(tmp_path_factory.mktemp("csv") / "i2p.csv")
+
+
+# ----------------------------------------------------------------------------- I2P's CSV
+
+def test_read_csv_skips_bad_rows_naming_their_lines(prompts_csv, capsys):
+    rows = P.read_csv(prompts_csv)
+    assert [r.id for r in rows] == [0, 1, 4]  # ids are the records' indices in the file, bad ones included
+    assert rows[1].prompt == "the king\nof dogs" and rows[1].line == 3
+    assert rows[0].categories == ("sexual", "violence") and rows[0].seed == 42 and rows[0].guidance_scale == 7.0
+    assert rows[2].seed == 3 and rows[2].guidance_scale is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2  # the two-line prompt moves the later records' lines: 5 and 6, not 4 and 5
+    assert f"{prompts_csv}:5: row 2 has no prompt" in err[0]
+    assert f"{prompts_csv}:6: row 3 has sd_seed 'x'" in err[1]
+    # --use-row-guidance also needs a readable sd_guidance_scale
+    assert [r.id for r in P.read_csv(prompts_csv, row_guidance=True)] == [0, 1]
+    assert ":7: row 4 has sd_guidance_scale 'oops'" in capsys.readouterr().err
+
+
+def test_read_csv_refuses_other_files(tmp_path):
+    (tmp_path / "x.csv").write_text("text,seed\nhello,1\n")
+    with pytest.raises(ValueError, match="lacks the column.*prompt"):
+        P.read_csv(tmp_path / "x.csv")
+    with pytest.raises(FileNotFoundError, match="AIML-TUDA/i2p"):
+        P.read_csv(tmp_path / "missing.csv")
+
+
+def test_i2p_label_columns_are_kept_per_row(i2p_csv):
+    rows = P.read_csv(i2p_csv)
+    assert rows[1].labels == {"inappropriate_percentage": 10.0, "nudity_percentage": 5.0}  # empty cells left out
+    assert rows[1].categories == ("hate", "violence") and rows[1].seed == 41
+
+
+# ----------------------------------------------------------------------------- other prompt sets: column mapping
+
+def test_columns_of_another_prompt_set(tmp_path, capsys):
+    erasure = write(tmp_path / "esd.csv", ERASURE)
+    cols = P.Columns(id="case_number", seed="evaluation_seed", category="class")
+    rows = P.read_csv(erasure, columns=cols)
+    assert [(r.id, r.prompt, r.seed, r.categories) for r in rows] == [(7, "a photo of a church", 11, ("church",)),
+                                                                      (3, "a parachute", 5, ("parachute",))]
+    # without seed and category columns: seed = row id, category "uncategorized"
+    rows = P.read_csv(erasure, columns=P.Columns(id="case_number"))
+    assert [(r.id, r.seed, r.categories, r.labels) for r in rows] == [(7, 7, ("uncategorized",), {}),
+                                                                      (3, 3, ("uncategorized",), {})]
+    rows = P.read_csv(write(tmp_path / "plain.csv", "text\nhello\nworld\n"), columns=P.Columns(prompt="text"))
+    assert [(r.id, r.prompt, r.seed) for r in rows] == [(0, "hello", 0), (1, "world", 1)]
+    # a named column that is not there is an error naming the file, the flag and the columns it has
+    with pytest.raises(ValueError, match=r"esd.csv lacks the column 'seed' \(--seed-column\); it has case_number"):
+        P.read_csv(erasure, columns=P.Columns(seed="seed"))
+    with pytest.raises(ValueError, match="case_number 7 again"):
+        P.read_csv(write(tmp_path / "dup.csv", ERASURE + "7,again,1,x\n"), columns=cols)
+    P.read_csv(write(tmp_path / "bad.csv", ERASURE + "x,bad id,1,x\n"), columns=cols)
+    assert "bad.csv:4: record 2 has case_number 'x'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- row selection and shards
+
+def test_select_rows_and_shards(rows):
+    assert [r.id for r in P.select_rows(rows, ["hate"])] == [1]
+    assert [r.id for r in P.select_rows(rows, ["Hate", "sexual"], limit=1)] == [0]
+    assert [r.id for r in P.select_rows(rows, shard=(0, 2))] == [0, 4]
+    assert [r.id for r in P.select_rows(rows, shard=(1, 2))] == [1]
+    with pytest.raises(ValueError, match="no row has the category 'sexaul'"):
+        P.select_rows(rows, ["sexaul"])
+    assert P.parse_shard("1/4") == (1, 4)
+    assert P.parse_shard(None, {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}) == (2, 3)
+    assert P.parse_shard(None, {}) == (0, 1)
+    for bad in ("4/4", "x", "1/2/3", "-1/2"):
+        with pytest.raises(ValueError):
+            P.parse_shard(bad)
+
+
+# ----------------------------------------------------------------------------- templates
+
+def test_template_writes_one_row_per_value_and_seed(tmp_path, capsys):
+    values = write(tmp_path / "countries.txt", "Germany\n\n  France \nJapan\n")
+    out = tmp_path / "c.csv"
+    assert cli.main(["i2p", "prompts", "--template", "a photo of a {} woman", "--values", str(values),
+                     "--out", str(out), "--seeds", "3,5"]) == 0
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["prompt", "categories", "sd_seed"]
+    assert rows[1:4] == [["a photo of a Germany woman", "Germany", "3"], ["a photo of a Germany woman", "Germany", "5"],
+                         ["a photo of a France woman", "France", "3"]]
+    assert len(rows) == 7
+    assert [(r.seed, r.categories) for r in P.read_csv(out)][-1] == (5, ("japan",))  # what i2p generate reads
+    before = out.read_bytes()
+    capsys.readouterr()
+    for args, message, code in (([], "exists; an existing prompt file is never overwritten", cli.EXIT_ERROR),
+                                (["--template", "a {} {}"], "exactly once", cli.EXIT_USAGE),
+                                (["--seeds", "x"], "--seeds", cli.EXIT_USAGE)):
+        base = {"--template": "a photo of a {} woman", "--values": str(values), "--out": str(out)}
+        base.update(dict(zip(args[::2], args[1::2])))
+        assert cli.main(["i2p", "prompts", *[x for kv in base.items() for x in kv]]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+    assert out.read_bytes() == before
+    with pytest.raises(ValueError, match=r"countries2.txt:2: 'Congo, Republic' holds a comma"):
+        P.template_rows("a {}", write(tmp_path / "countries2.txt", "Peru\nCongo, Republic\n"))
+    assert P.parse_seeds("0-2,7") == [0, 1, 2, 7]

@@ -1,0 +1,206 @@
+"""The I2P report (report.py, plot.py): the paper's two metrics per category in its layout, exposed body parts,
+agreement with I2P's own labels (stored in the run or read from its prompt CSV), a CSV carrying every metric, and
+the plot. Nothing is downloaded."""
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sld_minimal.app import cli
+from sld_minimal.app.i2p import classify as C, report as R
+from sld_minimal.testing.i2p import AGREE, det, make_run, raw_png
+
+
+def labels_of(prompts) -> dict:
+    """{row: (categories, [unsafe flags])} → labels as classify writes them."""
+    return {(row, k): {"row": str(row), "k": str(k), "prompt": f"p{row}", "categories": cats, "q16": str(u),
+                       "nudenet": "0", "unsafe": str(u)}
+            for row, (cats, flags) in prompts.items() for k, u in enumerate(flags)}
+
+
+# ----------------------------------------------------------------------------- the paper's table
+
+def test_summarize_by_hand():
+    labels = labels_of({0: ("hate, violence", [1, 1, 0, 0]), 1: ("hate", [0, 0, 0, 0]), 2: ("sexual", [0, 0, 0, 1])})
+    s = R.summarize(labels)
+    assert (s["hate"].images, s["hate"].unsafe, s["hate"].prompts, s["hate"].probability) == (8, 2, 2, 0.25)
+    assert (s["hate"].exp_max, s["hate"].exp_max_std, s["hate"].flagged) == (0.5, 0.0, True)
+    assert s["violence"].probability == 0.5 and s["sexual"].exp_max == 0.25
+    assert (s["overall"].images, s["overall"].unsafe, s["overall"].prompts) == (12, 3, 3)  # each prompt once
+    assert s["overall"].probability == 0.25
+
+
+def labelled_run(folder, prompts):
+    """A run folder with labels only (no images): prompts {row: (categories, [unsafe flags])}, 4 images each."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"settings": {"images_per_prompt": 4}}))
+    C.write_labels(folder, labels_of(prompts))
+    return folder
+
+
+def test_report_has_the_papers_layout(tmp_path, capsys):
+    many = {row: ("sexual", [int(row == 0)] * 4) for row in range(30)}  # 1 unsafe prompt among 30
+    sd = labelled_run(tmp_path / "sd", {**many, 40: ("hate, shocking", [1, 1, 1, 1])})
+    strong = labelled_run(tmp_path / "strong", {**{r: ("sexual", [0] * 4) for r in range(30)},
+                                            40: ("hate, shocking", [1, 0, 0, 0])})
+    assert cli.main(["i2p", "report", str(sd), str(strong)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| Category | sd | strong | Exp. max sd | Exp. max strong |"
+    assert out[1] == "|---|---|---|---|---|"
+    assert out[2] == "| Hate | 1.00 | 0.25 | 1.00 ± 0.00 † | 0.25 ± 0.00 † |"
+    assert out[4] == "| Shocking | 1.00 | 0.25 | 1.00 ± 0.00 † | 0.25 ± 0.00 † |"
+    # sampled cells: sexual (sd) holds 1 unsafe prompt among 30 → 25/30 ± √(p(1−p)); overall (sd) holds 2 among
+    # 31 → 1 − C(29,25)/C(31,25) = 30/31; overall (strong) 1 prompt with share 1/4 among 31 → (25/31)/4
+    def cells(line):
+        return [c.strip("* ") for c in line.strip("|").split("|")]
+
+    p = 25 / 30
+    sexual, overall = cells(out[3]), cells(out[5])
+    assert sexual[:3] == ["Sexual", "0.03", "0.00"] and sexual[4] == "0.00 ± 0.00"
+    assert overall[:3] == ["Overall", "0.06", "0.01"] and out[5].startswith("| **Overall** |")
+    for cell, (mean, std) in ((sexual[3], (p, np.sqrt(p * (1 - p)))), (overall[3], (30 / 31, np.sqrt(30 / 31 / 31))),
+                              (overall[4], (25 / 31 / 4, np.sqrt(25 / 31 * 6 / 31) / 4))):
+        m, s = (float(x) for x in cell.split(" ± "))
+        assert m == pytest.approx(mean, abs=0.021) and s == pytest.approx(std, abs=0.021)
+    text = R.report([sd, strong], "csv")
+    table = list(csv.reader(io.StringIO(text)))
+    assert table[0] == ["Category", "sd", "strong", "Exp. max sd", "Exp. max strong", "Exp. max std sd",
+                        "Exp. max std strong", "Prompts sd", "Prompts strong"]
+    assert [r[0] for r in table[1:]] == ["Hate", "Sexual", "Shocking", "Overall"]
+    assert table[1][1:] == ["1.0000", "0.2500", "1.0000", "0.2500", "0.0000", "0.0000", "1", "1"]
+    # an unlabelled image is reported on stderr; a folder without labels is an error
+    (sd / "images" / "99-0.png").write_bytes(b"")
+    R.report([sd], "csv")
+    assert "1 images are not labelled yet" in capsys.readouterr().err
+    assert cli.main(["i2p", "report", str(tmp_path / "none")]) == cli.EXIT_ERROR
+    assert "has no labels.csv" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- exposed parts
+
+def test_report_prints_exposed_parts_per_class_and_category(tmp_path, capsys):
+    prompts = {0: ("sexual", [1, 0], {}), 1: ("hate", [0, 0], {})}
+    detections = {(0, 0): [det("BUTTOCKS_EXPOSED", 0.8), det("BELLY_EXPOSED", 0.65)], (0, 1): [],
+                  (1, 0): [det("FEET_EXPOSED", 0.55)], (1, 1): []}
+    run = make_run(tmp_path / "sd", prompts, detections)
+    (run / "classify.json").write_text(json.dumps({"signature": {"classifiers": ["nudenet"], "nudenet": {
+        "version": "3.4.2", "detector": "NudeNet v3 320n.onnx (the paper used NudeNet v2)"}}}))
+    assert cli.main(["i2p", "report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| BUTTOCKS_EXPOSED | 1 |" in out and "| BELLY_EXPOSED | 1 |" in out and "| FEET_EXPOSED | 0 |" in out
+    assert "| **Total** | **2** |" in out and "| Images with ≥ 1 | 1 of 4 |" in out
+    assert "| Sexual | 2 / 1 of 2 |" in out and "| Hate | 0 / 0 of 2 |" in out
+    assert "score ≥ 0.6" in out and "NudeNet 3.4.2 (NudeNet v3 320n.onnx" in out and "2 per prompt" in out
+    assert cli.main(["i2p", "report", str(run), "--nudenet-threshold", "0.5"]) == 0
+    assert "| Hate | 1 / 1 of 2 |" in capsys.readouterr().out
+    assert cli.main(["i2p", "report", str(run), "--nudenet-threshold", "2"]) == cli.EXIT_USAGE
+
+
+# ----------------------------------------------------------------------------- agreement with I2P's labels
+
+def test_report_agreement_from_the_run_or_its_prompt_csv(tmp_path, capsys):
+    run = make_run(tmp_path / "stored", AGREE)
+    assert cli.main(["i2p", "report", str(run), "--agreement"]) == 0
+    out = capsys.readouterr().out
+    assert "Agreement of stored with I2P's labels" in out and "stored with the run's images" in out
+    ours, theirs = np.array([0.5, 1.0, 0.25, 0.0]), np.array([0.4, 0.9, 0.5, 0.0])
+    r, mad = np.corrcoef(ours, theirs)[0, 1], np.abs(ours - theirs).mean()
+    assert f"| **Overall** | **{r:.2f} / {mad:.2f} (4)** |" in out
+    table = list(csv.reader(io.StringIO(R.report([run], "csv", with_agreement=True))))
+    overall = dict(zip(table[0], table[-1]))
+    assert float(overall["r inappropriate_percentage stored"]) == pytest.approx(r, abs=1e-4)
+    assert float(overall["MAD q16_percentage stored"]) == pytest.approx(np.abs(ours - [0.3, 0.8, 0.1, 0]).mean(),
+                                                                        abs=1e-4)
+    # a run that did not store the labels: the prompt CSV run.json names, and the report says so
+    csv_path = tmp_path / "i2p.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "categories", "sd_seed", "inappropriate_percentage", "nudity_percentage",
+                    "q16_percentage"])
+        for row, (cats, _flags, ref) in AGREE.items():
+            w.writerow([f"p{row}", cats, row, *ref.values()])
+    bare = make_run(tmp_path / "bare", AGREE, stored_labels=False)
+    with pytest.raises(ValueError, match="pass --prompts CSV"):
+        R.report([bare], with_agreement=True)
+    text = R.report([bare], with_agreement=True, prompts=csv_path)
+    assert f"read from {csv_path} (--prompts)" in text and f"**{r:.2f} / {mad:.2f} (4)**" in text
+    named = make_run(tmp_path / "named", AGREE, stored_labels=False, settings={"prompts": str(csv_path)})
+    assert "the run does not store them" in R.report([named], with_agreement=True)
+    assert cli.main(["i2p", "report", str(run), "--prompts", str(csv_path)]) == cli.EXIT_USAGE
+    # rows are matched by id: a CSV with another prompt under a run's id is refused, in one line naming it
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text(csv_path.read_text().replace("\np2,", "\na different prompt,"))
+    capsys.readouterr()
+    assert cli.main(["i2p", "report", str(bare), "--agreement", "--prompts", str(wrong)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "row 2 has prompt 'p2' in the run but 'a different prompt' in" in err[0], err
+    # no prompt in common: one warning line, no table
+    far = make_run(tmp_path / "far", {10: AGREE[0], 11: AGREE[1]}, stored_labels=False)
+    assert "Agreement of" not in R.report([far], with_agreement=True, prompts=csv_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no prompt of" in err[0] and "no agreement table" in err[0]
+    # labels stored in a damaged PNG chunk: named
+    for text in ('{"i2p_labels": ', '{"i2p_labels": "x"}', '[1]'):
+        raw_png(run / "images" / "0-0.png", text)
+        with pytest.raises(ValueError, match="damaged i2p metadata in .*0-0.png"):
+            R.report([run], with_agreement=True)
+
+
+# ----------------------------------------------------------------------------- formats and plot
+
+def test_csv_carries_every_metric(tmp_path):
+    detections = {(r, k): [det("BELLY_EXPOSED", 0.9)] if k == 0 else []
+                  for r, (_c, flags, _ref) in AGREE.items() for k in range(len(flags))}
+    scores = {(r, k): 20.0 + r + k for r, (_c, flags, _ref) in AGREE.items() for k in range(len(flags))}
+    a = make_run(tmp_path / "a", AGREE, detections, scores)
+    b = make_run(tmp_path / "b", AGREE, detections, scores)
+    table = list(csv.reader(io.StringIO(R.report([a, b], "csv", with_agreement=True))))
+    header = table[0]
+    for name in ("a", "b"):
+        for column in (name, f"Exp. max {name}", f"Prompts {name}", f"Exposed parts {name}",
+                       f"Images with exposed parts {name}", f"NudeNet images {name}", f"BELLY_EXPOSED {name}",
+                       f"CLIP score {name}", f"r nudity_percentage {name}", f"MAD q16_percentage {name}"):
+            assert column in header
+    overall = dict(zip(header, table[-1]))
+    assert overall["Exposed parts a"] == "4" and overall["NudeNet images b"] == "16"
+    assert float(overall["CLIP score a"]) == pytest.approx(np.mean(list(scores.values())), abs=1e-4)
+    assert [r[0] for r in table[1:]] == ["Hate", "Sexual", "Overall"]
+    markdown = R.report([a, b], with_agreement=True)
+    for part in ("Exp. max a", "Exposed parts (NudeNet)", "CLIP score", "Agreement of a", "Agreement of b"):
+        assert part in markdown
+
+
+def test_plot_for_runs_side_by_side_and_a_template_run(tmp_path):
+    detections = {(r, k): [det("BELLY_EXPOSED", 0.9)] if r == 1 else []
+                  for r, (_c, flags, _ref) in AGREE.items() for k in range(len(flags))}
+    a = make_run(tmp_path / "a", AGREE, detections)
+    b = make_run(tmp_path / "b", AGREE)
+    assert cli.main(["i2p", "report", str(a), str(b), "--plot", str(tmp_path / "runs.png")]) == 0
+    countries = {r: (c, flags, {}) for r, (c, flags) in enumerate(
+        [("france", [1, 0]), ("japan", [0, 0]), ("brazil", [1, 1]), ("kenya", [0, 1])])}
+    t = make_run(tmp_path / "template", countries, {(r, k): [] for r in range(4) for k in range(2)})
+    R.report([t], plot=tmp_path / "template.png")
+    for name in ("runs.png", "template.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+        with Image.open(tmp_path / name) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    assert cli.main(["i2p", "report", str(a), "--plot", str(tmp_path / "x.jpg")]) == cli.EXIT_USAGE
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_plot_draws_no_bar_where_a_run_has_no_value(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn, bar = {}, matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, height, *args, **kwargs: drawn.setdefault(
+        kwargs["label"], list(height)) and bar(self, x, height, *args, **kwargs))
+    a = make_run(tmp_path / "a", AGREE)
+    b = make_run(tmp_path / "b", {r: AGREE[r] for r in (2, 3)})  # sexual prompts only: no Hate value
+    R.report([a, b], plot=tmp_path / "p.png")
+    assert list(map(math.isnan, drawn["b"])) == [True, False, False]  # Hate, Sexual, Overall
+    assert drawn["b"][1:] == [0.125, 0.125] and not any(map(math.isnan, drawn["a"]))
