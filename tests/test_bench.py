@@ -1,10 +1,11 @@
-"""tests/benchmarks/bench.py and profile_unet.py: their FLOP formulas against torch's counter and by hand, the
-ceiling on a worked case, and one short run of each tool.
+"""tests/benchmarks/bench.py (with bench_worker.py) and profile_unet.py: their FLOP formulas against torch's counter
+and by hand, the ceiling on a worked case, and one short run of each tool.
 
 The timings themselves are not tested (they depend on the machine); what is tested is that the figures the
 benchmark divides by are right and that the report it prints has every column README's table takes from it.
 """
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
 import bench  # noqa: E402
+import bench_worker  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def test_attention_flops_equal_what_torch_counts(sd14_configs, size):
     assert flops["attention"] == pytest.approx(flops["attention_seen_by_counter"], rel=1e-12)
     cfg = bench.read_unet_config(sd14_configs)
     lat = size // 8
-    assert sum(n for n, *_ in bench.attention_calls(cfg, 3, lat, lat, 77)) == 2 * (5 + 5 + 5 + 1)
+    assert sum(n for n, *_ in bench_worker.attention_calls(cfg, 3, lat, lat, 77)) == 2 * (5 + 5 + 5 + 1)
 
 
 def test_attention_flops_closed_form_at_256_px(sd14_configs):
@@ -60,19 +62,26 @@ def test_a_short_run_reports_every_column(tiny_ckpt, tmp_path):
                     "ours-bf16 / ours-fp32", "native bf16:"):
         assert heading in run.stdout, heading
     raw = json.loads(out.read_text())
+    native_bf16 = bench.native_bf16().startswith("yes")
     for dtype in ("fp32", "bf16"):
         (r,) = raw["unet"][f"ours-{dtype}"]
         assert r["attention_s"] > 0 and len(r["unet_call_s"]) == 1
-        assert 0 < bench.unet_stats(raw["flops"], [r])["ceiling"] <= 1
+        assert r["matmul_n"] in (bench_worker.MATMUL_N, bench_worker.MATMUL_SMALL_N)
+        ceiling = bench.unet_stats(raw["flops"], [r])["ceiling"]
+        if dtype == "fp32" or native_bf16:
+            assert 0 < ceiling <= 1, (dtype, ceiling)
+        else:  # PyTorch then multiplies bf16 matrices in a generic loop kernel, slower than the attention kernel (on
+            # a Zen 1 EPYC 0.9 against 8 GFLOP/s), so the ceiling, which assumes the reverse, exceeds 1 there
+            assert 0 < ceiling < math.inf, ceiling
 
 
 def test_the_ceiling_by_hand():
     """100 GFLOP per forward, 80 of them convolutions and matmuls, a matmul rate of 40 GFLOP/s and 1 s of attention:
     at best 80 / 40 + 1 = 3 s, i.e. 100 / 3 GFLOP/s, 5/6 of the matmul rate; a 5 s forward reaches 1/2 of it."""
     flops = {"total": 100.0, "conv_linear": 80.0, "attention": 20.0}
-    matmul_s = 2 * bench.MATMUL_N**3 / 40e9  # one 2048² product at 40 GFLOP/s
-    run = {"unet_call_s": [5.0], "matmul_s": [matmul_s] * 3, "attention_s": 1.0, "faults": [0], "peak_rss_gib": 1.0,
-           "matmul_dtype": "float32"}
+    matmul_s = 2 * 2048**3 / 40e9  # one 2048² product at 40 GFLOP/s
+    run = {"unet_call_s": [5.0], "matmul_s": [matmul_s] * 3, "matmul_n": 2048, "attention_s": 1.0, "faults": [0],
+           "peak_rss_gib": 1.0, "matmul_dtype": "float32"}
     st = bench.unet_stats(flops, [run])
     assert st["matmul_gflops"] == pytest.approx(40.0)
     assert st["ceiling"] == pytest.approx(5 / 6) and st["fraction"] == pytest.approx(0.5)

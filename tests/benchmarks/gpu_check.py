@@ -6,10 +6,11 @@
 Sections, each in its own try/except (a failure prints one line, its traceback goes to the JSON, the run goes on);
 the JSON of all figures is rewritten after every section, to `$OUT/gpu_check.json` (or `./gpu_check.json`):
 
-1. weights: the full-size SD 1.4 checkpoint with random weights, `sld_minimal.testing.tiny.write_checkpoint(DIR, "sd14")`
-   (~4.3 GB; reused if DIR/model_index.json exists, which is written last).
+1. weights: the full-size SD 1.4 checkpoint with random weights,
+   `sld_minimal.testing.tiny.write_checkpoint(DIR, "sd14")` (~4.3 GB; reused if DIR/model_index.json exists, which is
+   written last).
 2. fp32 parity, TF32 off: our UNet, CLIP text encoder and VAE decoder against diffusers' `UNet2DConditionModel`,
-   transformers' `CLIPTextModel` and diffusers' `AutoencoderKL.decode`, same inputs as tests/test_models.py but at
+   transformers' `CLIPTextModel` and diffusers' `AutoencoderKL.decode`, same inputs as tests/test_{clip,unet,vae}.py but at
    the image size's latent (64×64 at 512 px): rel = max|ours − ref| / max|ref|, against the CPU tolerance 1e-5.
    Then a short generation (SLD strong, PNDM, seed 0) from our pipeline and from the Safe pipeline built around the
    reference modules: max and mean |Δpixel| in [0, 1], and the decoder input (latents / 0.18215) compared.
@@ -40,8 +41,8 @@ sys.path.insert(0, str(ROOT))  # the checkout's sld_minimal, installed or not
 
 PROMPT = "a photo of a cat sitting on a wooden table, detailed, soft light"
 SEED = 0
-TOL = 1e-5        # fp32 module parity on the CPU (tests/test_models.py): max|ours − ref| / max|ref|
-TARGET_ITS = 1.1  # issue 17: ours ≥ 1.1× diffusers' it/s
+TOL = 1e-5        # fp32 module parity on the CPU (tests/test_clip.py, test_unet.py, test_vae.py): max|ours − ref| / max|ref|
+TARGET_ITS = 1.1  # the target: ours ≥ 1.1× diffusers' it/s
 
 T0 = time.perf_counter()
 R = {"sections": {}, "errors": {}}  # every figure; written to JSON after each section

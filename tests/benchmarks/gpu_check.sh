@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of sld_minimal against diffusers (issue 17, item 5): run from anywhere in the checkout, on a machine
+# GPU check of sld_minimal against diffusers: run from anywhere in the checkout, on a machine
 # with one CUDA GPU and no network. Needs torch, transformers, safetensors, accelerate (and their dependencies)
 # installed; diffusers travels as a wheel in .whl/ (git-ignored through .git/info/exclude), made on a networked
 # machine with:

@@ -19,9 +19,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's sld_minimal, installed or not
+from sld_minimal import speedups  # noqa: E402
 from sld_minimal.diffusers_folder import load_component  # noqa: E402
-from sld_minimal.weights import read_config  # noqa: E402
 from sld_minimal.vae import VAEConfig  # noqa: E402
+from sld_minimal.weights import read_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -35,7 +36,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     dtype = DTYPES[a.dtype]
     lat = a.size // read_config(VAEConfig, a.weights / "vae" / "config.json").factor
-    unet = load_component(a.weights, "unet", "cpu", dtype)
+    unet = speedups.apply(load_component(a.weights, "unet", "cpu", dtype))  # as StableDiffusion.from_pretrained does
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, unet.config.in_channels, lat, lat, generator=g).to(dtype)
     ctx = torch.randn(3, 77, unet.config.cross_attention_dim, generator=g).to(dtype)
