@@ -7,16 +7,18 @@ and renamed when complete. Errors are `OSError`s whose message names the file; `
 temporaries a killed process left behind.
 """
 import os
+import re
 import shutil
-import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-TMP_SUFFIX = ".tmp"  # hidden temporaries: f".{name}.{pid}.{random}.tmp"
+TMP_SUFFIX = ".tmp"  # hidden temporaries: f".{name}.{pid}.{8 hex digits}.tmp", the one pattern (`TEMPORARY`)
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 def temp_name(path: Path) -> Path:
+    """The hidden temporary beside `path` that this process writes before renaming it to `path`."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
 
 
@@ -71,15 +73,18 @@ def create_exclusive(path, data) -> bool:
 
 @contextmanager
 def atomic_folder(dst, overwrite: bool = False):
-    """Yield a hidden temporary folder beside `dst`; when the block ends without an error it becomes `dst`.
-    A non-empty `dst` is refused (FileExistsError naming it) unless `overwrite`, which replaces it only at the end."""
+    """Yield a hidden temporary folder beside `dst` (`temp_name`); when the block ends without an error it becomes
+    `dst`. A non-empty `dst` is refused (FileExistsError naming it) unless `overwrite`, which replaces it only at the
+    end. The temporaries of a killed earlier writer of `dst` are removed first (`remove_orphans`)."""
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} exists and is not a folder")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=TMP_SUFFIX, dir=dst.parent))
+    remove_orphans(dst.parent, of=dst.name)
+    tmp = temp_name(dst)
+    tmp.mkdir()
     try:
         yield tmp
         if dst.exists():
@@ -93,16 +98,19 @@ def atomic_folder(dst, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def remove_orphans(folder) -> list:
-    """Remove the hidden temporaries (`.name.pid.xxxx.tmp`) that killed writers left in `folder`; returns them.
-    Only files of processes no longer alive on this machine are removed, so a concurrent writer keeps its own.
-    (Shards on several machines sharing one folder over a network file system cannot see each other's processes:
-    start them one after another there, or give each its own folder.)"""
+def remove_orphans(folder, of: str | None = None) -> list:
+    """Remove the hidden temporaries (`TEMPORARY`: `.name.pid.xxxxxxxx.tmp`) that killed writers left in `folder`
+    (only those of the file or folder `of`, if given); returns them. Nothing else is touched — a user's own
+    `.notes.tmp` does not match — and only temporaries of processes no longer alive on this machine are removed, so
+    a concurrent writer keeps its own. (Shards on several machines sharing one folder over a network file system
+    cannot see each other's processes: start them one after another there, or give each its own folder.)"""
     removed = []
     for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        parts = p.name.split(".")
-        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
-        if pid is not None and pid != os.getpid() and _alive(pid):
+        m = TEMPORARY.match(p.name)
+        if not m or (of is not None and m["name"] != of):
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _alive(pid):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -120,3 +128,19 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def check_replaceable(folder, names: set, marker: str):
+    """ValueError unless `folder` is absent, or a folder that a writer of `names` made: every entry in it one of
+    `names`, `marker` among them. Never the current folder, one of its ancestors, the home folder or /. What
+    `--overwrite` checks before it replaces a whole folder: no command deletes what it did not write."""
+    path = Path(folder).resolve()
+    if not path.exists():
+        return
+    cwd = Path.cwd().resolve()
+    if path in (cwd, *cwd.parents, Path.home().resolve(), Path(path.anchor)):
+        raise ValueError(f"{folder} is the current folder, one of its parents or the home folder: never replaced")
+    found = {p.name for p in path.iterdir()} if path.is_dir() else None
+    if found is None or not found <= set(names) or marker not in found:
+        raise ValueError(f"{folder} holds files this command did not write (it would replace only a folder it made: "
+                         f"{', '.join(sorted(names))}); choose a new folder")

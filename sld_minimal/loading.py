@@ -19,7 +19,16 @@ from .diffusers_folder import check_folder, load_component, load_scheduler_confi
 from .single_file import is_single_file, load_single_file, single_file_configs
 from .noise_schedule import SchedulerConfig
 from .tokenizer import clip_tokenizer, load_tokenizer
-from .weights import MODELS, WeightsError, read_config
+from .weights import MODELS, WeightsError, read_config, read_json
+
+
+# Models shipped inside the package, found by name wherever it is installed (`--weights toy`,
+# `from_pretrained("toy")`); a file or folder of that name, where one exists, is taken instead.
+PACKAGED = {"toy": Path(__file__).parent / "data" / "toy"}
+# model_index.json's fields of this package (SD 1.4 has neither): the safety concept a model was made for (else the
+# paper's), and the words a model trained on a small grammar knows (a prompt with others gets a warning)
+SAFETY_CONCEPT_KEY = "sld_minimal_safety_concept"
+VOCABULARY_KEY = "sld_minimal_vocabulary"
 
 
 class Model(NamedTuple):
@@ -29,14 +38,47 @@ class Model(NamedTuple):
     unet: object            # unet.UNet2DConditionModel
     vae: object             # vae.AutoencoderKLDecoder
     scheduler_config: dict  # the model's scheduler_config.json (checked)
+    safety_concept: str | None = None  # the model's own default safety concept (model_index.json), if it names one
+    vocabulary: tuple | None = None    # the words the model was trained on (model_index.json), if it lists them
+
+
+def model_path(path) -> Path:
+    """`path` itself, or the packaged model of that name (`PACKAGED`) where no such file or folder exists."""
+    if not Path(path).exists() and str(path) in PACKAGED:
+        return PACKAGED[str(path)]
+    return Path(path)
+
+
+def index_fields(path) -> tuple:
+    """(safety concept, vocabulary) that a model folder's model_index.json names (`SAFETY_CONCEPT_KEY`,
+    `VOCABULARY_KEY`), each None where absent (a single file, a folder without the file, SD 1.4)."""
+    path = model_path(path)
+    if is_single_file(path) or not (path / "model_index.json").is_file():
+        return None, None
+    index = read_json(path / "model_index.json")
+    index = index if isinstance(index, dict) else {}
+    concept, vocabulary = index.get(SAFETY_CONCEPT_KEY), index.get(VOCABULARY_KEY)
+    if concept is not None and not (isinstance(concept, str) and concept.strip()):
+        raise WeightsError(f"{path / 'model_index.json'}: key {SAFETY_CONCEPT_KEY!r} must be a non-empty string, "
+                           f"got {concept!r}")
+    if vocabulary is not None and not (isinstance(vocabulary, list) and vocabulary
+                                       and all(isinstance(w, str) and w for w in vocabulary)):
+        raise WeightsError(f"{path / 'model_index.json'}: key {VOCABULARY_KEY!r} must be a non-empty list of words")
+    return concept, None if vocabulary is None else tuple(vocabulary)
+
+
+def safety_concept(path) -> str | None:
+    """The safety concept a model folder names in its model_index.json, else None."""
+    return index_fields(path)[0]
 
 
 def load_model(path, device="cpu", dtype=torch.float32, configs=None, tokenizer=None, ema=False) -> Model:
     """The `Model` (tokenizer, text encoder, UNet, VAE decoder, scheduler config) from a model folder in the published diffusers layout
-    or one `.safetensors` file in the original CompVis layout (`layouts.py`: SD 1.4's configs unless the file carries
+    or one `.safetensors` file in the original CompVis layout (`single_file.py`: SD 1.4's configs unless the file carries
     them, CLIP's tokenizer from `tokenizer.py`). `configs` ({"unet": UNetConfig(…), …}) and `tokenizer` (a folder
     with vocab.json + merges.txt) replace the model's; `ema` takes a single file's EMA UNet (`model_ema.*`)."""
     order = ("text_encoder", "unet", "vae")
+    path = model_path(path)
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise WeightsError(f"tokenizer folder {tokenizer} does not exist")
     if ema and not is_single_file(path):
@@ -53,12 +95,13 @@ def load_model(path, device="cpu", dtype=torch.float32, configs=None, tokenizer=
     if len(tok) > parts[0].config.vocab_size:  # ids past the embedding table would fail deep inside the model
         raise WeightsError(f"the tokenizer has {len(tok)} tokens but the text encoder of {path} embeds only "
                            f"{parts[0].config.vocab_size}; pass this model's tokenizer (tokenizer= / --tokenizer DIR)")
-    return Model(tok, *parts, scheduler_config)
+    return Model(tok, *parts, scheduler_config, *index_fields(path))
 
 
 def read_configs(path) -> tuple[dict, dict]:
     """({component: config}, scheduler config dict) of a model folder or single file, every value type-checked,
     without reading a weight: what the command line validates a request against before loading."""
+    path = model_path(path)
     if not is_single_file(path):
         folder = check_folder(path)
         for c in MODELS:

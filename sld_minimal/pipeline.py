@@ -10,6 +10,7 @@ their estimates (guidance.py holds the math), and the sampler (schedulers.py) ta
 """
 import dataclasses
 import random
+import re
 import warnings
 
 import numpy as np
@@ -45,9 +46,14 @@ class StableDiffusion:
     """The four parts of SD 1.x (`tokenizer`, `text_encoder`, `unet`, `vae` — the VAE's decoder) and its scheduler
     config; calling the object generates images."""
 
-    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config: dict, name: str = ""):
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config: dict, name: str = "",
+                 safety_concept: str | None = None, vocabulary=None):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler_config, self.name = scheduler_config, name
+        # the concept a preset named by `safety="…"` steers away from: the model's own (model_index.json), else
+        # the paper's (`guidance.DEFAULT_CONCEPT`)
+        self.safety_concept = safety_concept
+        self.vocabulary = None if vocabulary is None else frozenset(vocabulary)  # a small model's words, if listed
         self._concepts = {}  # concept text -> its embedding (1, 77, d); each concept is encoded once per pipeline
 
     @classmethod
@@ -67,7 +73,8 @@ class StableDiffusion:
         vae = model.vae if vae_dtype is None else model.vae.to(vae_dtype)
         # the CPU speed-ups (`speedups.py`) on the plain modules: the same weights and keys, only faster
         return cls(model.tokenizer, model.text_encoder, speedups.apply(model.unet), speedups.apply(vae),
-                   model.scheduler_config, name=str(path))
+                   model.scheduler_config, name=str(path), safety_concept=model.safety_concept,
+                   vocabulary=model.vocabulary)
 
     def compile(self, **options):
         """Opt in to `torch.compile` for the UNet, the work of every step (`options` go to torch.compile). The first
@@ -123,8 +130,9 @@ class StableDiffusion:
         """Generate `num_images` images per prompt (prompt-major). Same seed and settings → the image of diffusers'
         StableDiffusionPipelineSafe.
 
-        safety:    a preset name (methods.PRESETS: off, weak, medium, strong, max, sega-*), a SafetyConfig, a list of them
-                   (several concepts), or None (plain SD); edits: SEGA `guidance.Edit`s.
+        safety:    a preset name (methods.PRESETS: off, weak, medium, strong, max, sega-*; its concept: the model's
+                   `safety_concept`, else the paper's), a SafetyConfig, a list of them (several concepts), or None
+                   (plain SD); edits: SEGA `guidance.Edit`s.
         method:    any guidance method object (methods.py) in place of safety/edits, e.g. your own research variant.
         scheduler: a registry name (schedulers.SAMPLERS) or a fresh Sampler object (its own timesteps win).
         height, width: default `default_size`, the model's own (512 for SD 1.4).
@@ -141,6 +149,8 @@ class StableDiffusion:
             prompts, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images, scheduler, eta,
             seed)
         prompts = list(prompts)
+        if self.vocabulary is not None and (unknown := self._unknown_words(prompts + negatives)):
+            warnings.warn(f"words this model never saw (outside its vocabulary): {', '.join(unknown)}", stacklevel=3)
         method, configs = self._method(method, safety, edits, guidance, guidance_scale, edit_momentum_scale,
                                        edit_momentum_beta)
         sampler = scheduler if isinstance(scheduler, schedulers.Sampler) else schedulers.from_config(
@@ -190,7 +200,9 @@ class StableDiffusion:
                 raise TypeError("method must have conditions(step, num_steps, t) and __call__(eps, step, num_steps, "
                                 "t) -> (eps, terms); see sld_minimal/methods.py")
             return method, None
-        configs = methods.safety_configs("medium" if safety is DEFAULT_SAFETY else safety)
+        safety = "medium" if safety is DEFAULT_SAFETY else safety
+        # a preset by name steers away from the model's own concept, where it names one
+        configs = methods.safety_configs(safety, self.safety_concept if isinstance(safety, str) else None)
         if not all(isinstance(e, Edit) for e in edits):
             raise TypeError("edits must be guidance.Edit objects")
         if configs and guidance_scale <= 1.0:
@@ -207,6 +219,11 @@ class StableDiffusion:
                 raise ValueError(f"guidance= replaces SLD's combination, but {why}")
             return methods.FunctionSLD(guidance, configs[0], guidance_scale), configs
         return methods.build(configs, edits, guidance_scale, edit_momentum_scale, edit_momentum_beta), configs
+
+    def _unknown_words(self, texts) -> list:
+        """The words of `texts` outside the model's vocabulary, each once, in order."""
+        words = (w for text in texts for w in re.findall(r"[a-z0-9]+|[^a-z0-9\s]", text.lower()))
+        return list(dict.fromkeys(w for w in words if w not in self.vocabulary))
 
     @staticmethod
     def _image_index(k, total: int) -> int:

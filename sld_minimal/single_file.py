@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 
 from .clip import CLIPTextConfig
 from .diffusers_folder import SCHEDULER_CONFIG, STEMS, canonical_key, check_folder, extra_tensors, weights_file, write_folder
+from .files import remove_orphans, temp_name
 from .tokenizer import write_clip_tokenizer
 from .unet import UNetConfig
 from .vae import VAEConfig
@@ -201,7 +201,9 @@ def convert(src, dst, ema=False, tokenizer=None) -> Path:
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; convert never overwrites — choose a new destination")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    remove_orphans(dst.parent, of=dst.name)  # what a killed convert to the same destination left
+    tmp = temp_name(dst)  # the files' one temporary pattern, with this process's id
+    tmp.mkdir()
     try:
         if is_single_file(src) and dst.suffix.lower() == ".safetensors":
             raise WeightsError(f"{src} is a single file: it converts to a folder, not to {dst.name}")

@@ -3,7 +3,7 @@
 `unet.py`, `vae.py` and `clip.py` are the architecture with plain `nn` modules, and the loader returns them as they
 are; `StableDiffusion.from_pretrained` hands the UNet and the VAE to `apply(model)`, as `StableDiffusion.compile()`
 wraps the UNet on request. Neither changes a parameter or a key; the outputs differ from the plain modules' by
-float rounding only (`tests/test_speed_options.py`), and `tests/benchmarks/bench.py --only unet` measures the gain.
+float rounding only (`tests/test_speedups.py`), and `tests/benchmarks/bench.py --only unet` measures the gain.
 """
 import torch
 import torch.nn.functional as F

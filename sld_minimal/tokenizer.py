@@ -15,7 +15,7 @@ is a function of that list — Radford et al.'s `simple_tokenizer.py` builds it 
 `write_clip_tokenizer` writes that vocabulary as the `vocab.json` + `merges.txt` that transformers'
 `CLIPTokenizer` reads (the published `tokenizer/` folder of SD 1.4 has the same content); `clip_tokenizer()` loads
 it from a temporary folder. A caller's own tokenizer folder (`tokenizer=` / `--tokenizer DIR`) always wins.
-`byte_alphabet` and `write_tokenizer_files` also serve `tiny.py`, whose random checkpoints carry a small BPE.
+`byte_alphabet` and `write_tokenizer_files` also serve `testing/tiny.py`, whose random checkpoints carry a small BPE.
 """
 import gzip
 import json

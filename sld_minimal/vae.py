@@ -96,7 +96,10 @@ class AutoencoderKLDecoder(nn.Module):
 
 
 class VAEEncoder(nn.Module):
-    """The VAE encoder's key layout (`encoder.*` in the published file): written, never run."""
+    """The VAE encoder (`encoder.*` in the published file): image x (B, 3, H, W) in [-1, 1] → the moments
+    (B, 2·latent_channels, H/f, W/f) of the posterior q(z | x): its mean and log-variance, concatenated along
+    channels (`posterior`). Sampling never runs it; training the toy world (`app/toy/train.py`) does. The published
+    file's 1×1 `quant_conv` follows it, a separate module there (`diffusers_folder.extra_tensors`)."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -115,5 +118,25 @@ class VAEEncoder(nn.Module):
         self.mid_block = nn.Module()
         self.mid_block.resnets = nn.ModuleList(ResnetBlock2D(ch[-1], ch[-1], None, g, 1e-6) for _ in range(2))
         self.mid_block.attentions = nn.ModuleList([VAEAttention(ch[-1], g)])
-        self.conv_norm_out = nn.GroupNorm(g, ch[-1])
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):  # (B, 3, H, W) in [-1, 1]
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            for resnet in block.resnets:
+                x = resnet(x)
+            if hasattr(block, "downsamplers"):
+                # stride 2 with no padding after one zero row/column at the bottom and right: H → H/2 exactly
+                x = block.downsamplers[0].conv(F.pad(x, (0, 1, 0, 1)))
+        x = self.mid_block.resnets[0](x)
+        x = self.mid_block.attentions[0](x)
+        x = self.mid_block.resnets[1](x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2·latent_channels, H/f, W/f)
+
+    @staticmethod
+    def posterior(moments):
+        """Moments (B, 2c, h, w) → (mean, logvar) of the diagonal Gaussian q(z | x), each (B, c, h, w); the
+        log-variance clamped to [−30, 20] as SD's `DiagonalGaussianDistribution` does."""
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)

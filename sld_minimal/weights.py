@@ -2,8 +2,8 @@
 
 Modules are built on the `meta` device (no memory, no init) and receive the file's tensors with
 `load_state_dict(strict=True, assign=True)`, so loading costs about one read of the files. Every problem is a
-`WeightsError` whose one-line message names the file and what to do. Which file and which key names: `folder.py`
-(the published diffusers folder) and `layouts.py` (one CompVis file) say; `loading.py` picks between them.
+`WeightsError` whose one-line message names the file and what to do. Which file and which key names: `diffusers_folder.py`
+(the published diffusers folder) and `single_file.py` (one CompVis file) say; `loading.py` picks between them.
 """
 import contextlib
 import json
@@ -72,7 +72,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 def read_state_dict(path: Path, component: str, expected: dict, device, dtype, rename) -> dict:
     """Read exactly the tensors a module expects (name -> shape), checked one by one, cast to dtype on device
     (`dtype=None` keeps the file's). `rename(file key)` gives the module name, None to skip: the folder layout's
-    `folder.canonical_key`, or the single-file layout's map (`layouts.py`)."""
+    `diffusers_folder.canonical_key`, or the single-file layout's map (`single_file.py`)."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:  # checks the header; reads no tensor
             keys = {rename(k): k for k in f.keys()}

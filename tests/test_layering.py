@@ -27,8 +27,9 @@ LAYERS = {
     "loop": ({"sampling"}, {"base"}),
     "outputs": ({"outputs"}, {"base"}),
     "pipeline": ({"pipeline", ""}, {"base", "math", "models", "speedups", "loading", "methods", "loop", "outputs"}),
-    "fixtures": ({"testing", "testing.*"}, {"library"}),
+    "fixtures": ({"testing", "testing.tiny", "testing.pickles"}, {"library"}),
     "apps": ({"app", "app.*"}, {"library", "fixtures"}),
+    "app fixtures": ({"testing.i2p"}, {"library", "fixtures", "apps"}),  # helpers of the I2P harness's tests
     "entry": ({"__main__"}, {"apps"}),  # `python -m sld_minimal`: the command line
 }
 LIBRARY = {"base", "math", "models", "speedups", "loading", "methods", "loop", "outputs", "pipeline"}
@@ -249,3 +250,20 @@ def test_the_readme_layout_table_lists_every_module():
     files = {p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("__")}
     files |= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert listed == files
+
+
+def test_the_tiny_command_runs_without_pytest(tmp_path):
+    """The fixtures need pytest, `sld-minimal tiny` (testing/tiny.py, under the fixtures' package) does not."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class NoPytest:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('pytest', '_pytest'): raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, NoPytest())\n"
+            "from sld_minimal.app.cli import main\n"
+            f"sys.exit(main(['tiny', {str(tmp_path / 'ckpt')!r}]))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "ckpt" / "model_index.json").is_file()

@@ -1,53 +1,16 @@
-"""Command line: `sld-minimal generate|download|tiny|convert|demo …` (also `python -m sld_minimal …`).
+"""Command line: `sld-minimal generate|download|tiny|convert|demo|i2p|toy …` (also `python -m sld_minimal …`).
 
 Every bad input ends in one line on stderr and a non-zero exit; `--debug` shows the traceback instead.
 """
-import os
 import sys
+import warnings
 from pathlib import Path
 
-from .common import (BF16_SPEEDUP, DEFAULT_WEIGHTS, Parser, UsageError, check_limits, finite_float,
-                         int_range, native_bf16, pick_device, pick_dtype, png_path, writable_folder)
 from ..checks import MAX_IMAGES
 from ..methods import PRESETS, safety_configs
 from ..schedulers import SAMPLERS, describe as describe_samplers
-
-REPO_ID = "CompVis/stable-diffusion-v1-4"
-EXIT_USAGE, EXIT_ERROR = 2, 1
-
-
-def download_files(fp16: bool) -> list:
-    """What `download` takes from the hub: the configs, the tokenizer and the three models' weights — never the
-    safety checker, pickles or EMA/non-EMA extras."""
-    suffix = ".fp16.safetensors" if fp16 else ".safetensors"
-    files = ["model_index.json", "scheduler/*", "tokenizer/*"]
-    for component, stem in (("text_encoder", "model"), ("unet", "diffusion_pytorch_model"),
-                            ("vae", "diffusion_pytorch_model")):
-        files += [f"{component}/config.json", f"{component}/{stem}{suffix}"]
-    return files
-
-
-def download(to: Path, fp16: bool = False, quiet: bool = False) -> Path:
-    """SD 1.4 from the hub into `to` (resumable; HF_TOKEN is honoured). ~4 GB in fp32, ~2 GB in fp16."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
-
-    if not quiet:
-        print(f"Downloading {REPO_ID} ({'about 2 GB, fp16' if fp16 else 'about 4 GB'}) to {to}. Its licence "
-              f"(CreativeML OpenRAIL-M) must first be accepted at https://huggingface.co/{REPO_ID} "
-              f"with the account whose token is in HF_TOKEN.", file=sys.stderr)
-    try:
-        snapshot_download(REPO_ID, local_dir=str(to), allow_patterns=download_files(fp16),
-                          token=os.environ.get("HF_TOKEN") or None)
-    except GatedRepoError:
-        raise RuntimeError(f"the hub refused the download: accept the licence at https://huggingface.co/{REPO_ID} "
-                           f"and set HF_TOKEN to a token of that account, then run `sld-minimal download` again") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"could not download {REPO_ID} ({first}); check the network connection (or HF_TOKEN) "
-                           f"and run `sld-minimal download --to {to}` again — it resumes") from None
-    return to
-
+from .common import (BF16_SPEEDUP, DEFAULT_WEIGHTS, EXIT_ERROR, EXIT_USAGE, REPO_ID, Parser, UsageError, check_limits, finite_float,
+                     download, int_range, native_bf16, pick_device, pick_dtype, png_path, writable_folder)
 
 def cmd_generate(a):
     """Validate everything the request depends on — flags, the model's config files, the size against the model,
@@ -60,9 +23,8 @@ def cmd_generate(a):
     from ..pipeline import StableDiffusion, model_size
 
     if a.quiet:  # nothing but errors: no warnings, no progress, no notes
-        import warnings
-
         import transformers
+
         warnings.simplefilter("ignore")
         transformers.logging.set_verbosity_error()
     if a.safety == "off" and a.safety_concept is not None:
@@ -72,7 +34,8 @@ def cmd_generate(a):
     if a.image_index is not None and a.image_index >= a.num_images:
         raise UsageError(f"--image-index {a.image_index}: a batch of --num-images {a.num_images} has images "
                          f"0 to {a.num_images - 1}")
-    safety = safety_configs(a.safety, a.safety_concept)
+    # a preset by name takes the model's own safety concept (the paper's for SD 1.4); --safety-concept replaces it
+    safety = a.safety if a.safety_concept is None else safety_configs(a.safety, a.safety_concept)
     if (a.edit or a.edit_away) and a.safety.startswith("sega-"):
         raise UsageError(f"--edit/--edit-away cannot be combined with --safety {a.safety}: the SEGA safety preset is "
                          f"itself an edit and they would share one momentum; use an SLD preset with edits")
@@ -122,8 +85,14 @@ def cmd_download(a):
 
 
 def cmd_tiny(a):
-    from ..testing.tiny import write_checkpoint
+    from ..files import check_replaceable
+    from ..testing.tiny import WRITTEN, write_checkpoint
 
+    if a.overwrite:
+        try:
+            check_replaceable(a.dir, WRITTEN, "model_index.json")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     folder = write_checkpoint(a.dir, a.config, overwrite=a.overwrite)
     print(f"wrote a random SD 1.x checkpoint ({a.config}) in the published layout to {folder}")
 
@@ -152,7 +121,8 @@ def build_parser() -> Parser:
     g = sub.add_parser("generate", help="generate images")
     g.add_argument("prompt")
     g.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
-                   help="SD 1.x folder (downloaded if it is the default and missing) or single .safetensors file")
+                   help="SD 1.x folder (downloaded if it is the default and missing), single .safetensors file, or "
+                        "`toy`: the toy model shipped with the package")
     g.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (vocab.json, merges.txt) to use instead")
     g.add_argument("--ema", action="store_true", help="a single file's EMA UNet weights (model_ema.*)")
     g.add_argument("--out", default="image.png", help="PNG path; with several images: stem-0.png, stem-1.png, …")
@@ -195,7 +165,7 @@ def build_parser() -> Parser:
     t = sub.add_parser("tiny", help="write a random checkpoint in the published layout (tests, demos, benchmarks)")
     t.add_argument("dir")
     t.add_argument("--config", default="tiny", choices=["tiny", "small", "sd14"])
-    t.add_argument("--overwrite", action="store_true", help="replace DIR if it is a non-empty folder")
+    t.add_argument("--overwrite", action="store_true", help="replace DIR if it is a checkpoint folder `tiny` wrote")
     t.add_argument("--debug", action="store_true", help="show tracebacks")
     t.set_defaults(run=cmd_tiny)
 
@@ -209,7 +179,8 @@ def build_parser() -> Parser:
 
     from .demo import MAX_STEPS
     m = sub.add_parser("demo", help="a local web page comparing SD and SLD side by side (pip install -e \".[demo]\")")
-    m.add_argument("--weights", help=f"SD 1.x folder or .safetensors file (default: {DEFAULT_WEIGHTS} if present)")
+    m.add_argument("--weights", help=f"SD 1.x folder, .safetensors file or `toy` (default: {DEFAULT_WEIGHTS}, "
+                                     f"downloaded if missing)")
     m.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     m.add_argument("--port", type=int, default=7860)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -221,12 +192,22 @@ def build_parser() -> Parser:
 
     from . import i2p  # the I2P benchmark's generate/classify/report (sld_minimal/app/i2p/)
     i2p.add_parser(sub)
+    from .toy import commands as toy  # the toy world: train, table (sld_minimal/app/toy/)
+    toy.add_parser(sub)
     return p
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    """A library warning as the command line prints it: one line, without the source line it came from."""
+    return f"sld-minimal: warning: {' '.join(str(message).split())}\n"
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    formatwarning = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
         args.run(args)
@@ -245,6 +226,8 @@ def main(argv=None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"sld-minimal: error: {message}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

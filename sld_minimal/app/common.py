@@ -1,15 +1,54 @@
-"""What both command lines share (`cli.py`, `i2p/commands.py`): the one-line usage error and device/dtype choice.
+"""What the command lines share (`cli.py`, `i2p/commands.py`, `toy/commands.py`, the demo): the one-line usage
+error and exit codes, SD 1.4's download, device/dtype choice, argument types and output paths.
 
 A bad command line raises `UsageError`; `cli.main` prints it as one line and exits with status 2.
 """
 import argparse
 import math
+import os
+import sys
 import tempfile
 from pathlib import Path
 
 from .. import checks
 
 DEFAULT_WEIGHTS = Path("weights/stable-diffusion-v1-4")
+REPO_ID = "CompVis/stable-diffusion-v1-4"
+EXIT_USAGE, EXIT_ERROR = 2, 1
+
+
+def download_files(fp16: bool) -> list:
+    """What `download` takes from the hub: the configs, the tokenizer and the three models' weights — never the
+    safety checker, pickles or EMA/non-EMA extras."""
+    suffix = ".fp16.safetensors" if fp16 else ".safetensors"
+    files = ["model_index.json", "scheduler/*", "tokenizer/*"]
+    for component, stem in (("text_encoder", "model"), ("unet", "diffusion_pytorch_model"),
+                            ("vae", "diffusion_pytorch_model")):
+        files += [f"{component}/config.json", f"{component}/{stem}{suffix}"]
+    return files
+
+
+def download(to: Path, fp16: bool = False, quiet: bool = False) -> Path:
+    """SD 1.4 from the hub into `to` (resumable; HF_TOKEN is honoured). ~4 GB in fp32, ~2 GB in fp16."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+
+    if not quiet:
+        print(f"Downloading {REPO_ID} ({'about 2 GB, fp16' if fp16 else 'about 4 GB'}) to {to}. Its licence "
+              f"(CreativeML OpenRAIL-M) must first be accepted at https://huggingface.co/{REPO_ID} "
+              f"with the account whose token is in HF_TOKEN.", file=sys.stderr)
+    try:
+        snapshot_download(REPO_ID, local_dir=str(to), allow_patterns=download_files(fp16),
+                          token=os.environ.get("HF_TOKEN") or None)
+    except GatedRepoError:
+        raise RuntimeError(f"the hub refused the download: accept the licence at https://huggingface.co/{REPO_ID} "
+                           f"and set HF_TOKEN to a token of that account, then run `sld-minimal download` again") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"could not download {REPO_ID} ({first}); check the network connection (or HF_TOKEN) "
+                           f"and run `sld-minimal download --to {to}` again — it resumes") from None
+    return to
+
 
 
 class UsageError(Exception):
@@ -112,8 +151,8 @@ def writable_folder(folder: Path, flag: str):
 
 
 # `generate --dtype auto` on such a CPU: fp32 (images equal the reference's), with a one-line hint. The factor is
-# measured with tests/benchmarks/bench.py on an AMD EPYC with avx512_bf16 (README, "fp32 and bf16 on the CPU": ours
-# in bf16 took 0.49× the fp32 time at 256 px, 0.54× at 512 px).
+# measured with tests/benchmarks/bench.py on an AMD EPYC with avx512_bf16 (docs/performance.md, "fp32 and bf16 on
+# the CPU": ours in bf16 took 0.49× the fp32 time at 256 px, 0.54× at 512 px).
 BF16_SPEEDUP = "about 2×"
 
 

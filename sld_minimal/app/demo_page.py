@@ -6,6 +6,7 @@ server-side rendering, no share link, and the server binds 127.0.0.1 unless told
 """
 import os
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,7 +15,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 import gradio as gr  # noqa: E402
 import matplotlib  # noqa: E402,F401  (demo.plot draws with it: missing, the command fails at start)
 
-from .common import DEFAULT_WEIGHTS, UsageError, pick_device, pick_dtype  # noqa: E402
+from ..loading import model_path  # noqa: E402
+from .common import DEFAULT_WEIGHTS, UsageError, download, pick_device, pick_dtype, writable_folder  # noqa: E402
 from .demo import (AWAY, CUSTOM, LABELS, MAX_STEPS, PRESET_CHOICES, SLD_FIELDS, TOWARD, Demo,  # noqa: E402
                    FieldError, plot, preset_values, random_seed)
 from ..schedulers import SAMPLERS  # noqa: E402
@@ -138,16 +140,19 @@ def build(demo: Demo) -> gr.Blocks:
 
 
 def resolve_weights(weights) -> Path:
-    """The model to serve: `--weights`, else the SD 1.4 folder under weights/ when present, else a UsageError."""
-    if weights is None:
-        if DEFAULT_WEIGHTS.exists():
-            return DEFAULT_WEIGHTS
-        raise UsageError(f"no model: {DEFAULT_WEIGHTS} not found; get SD 1.4 with `sld-minimal download` (about "
-                         f"4 GB) or try a tiny random one: `sld-minimal tiny /tmp/tiny && sld-minimal demo "
-                         f"--weights /tmp/tiny`")
-    if not Path(weights).exists():
+    """The model to serve: `--weights` (a folder, a file or a packaged model's name), else SD 1.4 under weights/,
+    downloaded first where it is missing."""
+    if weights is None:  # as `generate`: SD 1.4, downloaded first where it is missing
+        if not DEFAULT_WEIGHTS.exists():
+            writable_folder(DEFAULT_WEIGHTS.parent, "--weights")
+            print(f"{DEFAULT_WEIGHTS} not found: downloading Stable Diffusion 1.4 there first (or try the toy model "
+                  f"shipped with the package: `sld-minimal demo --weights toy`).", file=sys.stderr)
+            download(DEFAULT_WEIGHTS)
+        return DEFAULT_WEIGHTS
+    path = model_path(weights)  # a folder or file, or a packaged model's name (toy)
+    if not path.exists():
         raise UsageError(f"--weights {weights}: no such folder or file")
-    return Path(weights)
+    return path
 
 
 def serve(weights=None, host="127.0.0.1", port=7860, device="auto", dtype="auto", max_steps=MAX_STEPS,

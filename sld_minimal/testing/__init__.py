@@ -12,13 +12,19 @@ Fixtures: `tiny_ckpt` (2 levels, 32 channels: for fast tests) and `small_ckpt` (
 topology at small widths), both written by `tiny.py`. Helpers: `rel_err` (the parity measure of every tolerance
 in this project), `bchw` (hand-made numbers as a (1, 1, 1, n) tensor), `generator`/`randn` (seeded, leaving the
 global generator alone) and `trajectory` (a sampler run with a stand-in for the UNet, every latent kept).
-This module needs pytest (it is a test helper); nothing in the library imports it. It asserts nothing itself, so
-pytest need not rewrite it: PYTEST_DONT_REWRITE (no warning when a test file imports it before its plugin line).
+The fixtures need pytest; the helpers and `tiny.py` (which `sld-minimal tiny` runs) do not, so a user's install
+without pytest still writes random checkpoints. Nothing in the library imports this package. It asserts nothing
+itself, so pytest need not rewrite it: PYTEST_DONT_REWRITE (no warning when a test file imports it before its plugin
+line).
 """
-import pytest
 import torch
 
 from . import tiny
+
+try:
+    import pytest
+except ModuleNotFoundError:  # no pytest: the helpers and tiny.py without the fixtures
+    pytest = None
 
 
 def rel_err(ours, ref) -> float:
@@ -60,13 +66,13 @@ def trajectory(sampler, eps, x_T: torch.Tensor, **step_options) -> list:
     return xs
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    """A random SD 1.x model folder (`tiny.CONFIGS["tiny"]`) in the published layout, with its tokenizer."""
-    return tiny.write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def tiny_ckpt(tmp_path_factory):
+        """A random SD 1.x model folder (`tiny.CONFIGS["tiny"]`) in the published layout, with its tokenizer."""
+        return tiny.write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
 
-
-@pytest.fixture(scope="session")
-def small_ckpt(tmp_path_factory):
-    """As `tiny_ckpt` with SD 1.4's topology (4 levels, 2 layers per block, 8 heads) at small widths."""
-    return tiny.write_checkpoint(tmp_path_factory.mktemp("small"), "small")
+    @pytest.fixture(scope="session")
+    def small_ckpt(tmp_path_factory):
+        """As `tiny_ckpt` with SD 1.4's topology (4 levels, 2 layers per block, 8 heads) at small widths."""
+        return tiny.write_checkpoint(tmp_path_factory.mktemp("small"), "small")

@@ -7,7 +7,7 @@ CLIP tokenizer folder made in code (byte-level BPE with a few merges). Nothing i
     python -m sld_minimal tiny DIR [--config tiny|small|sd14]
 
 A test fixture, not a part of the library: only the `tiny` command and `sld_minimal.testing` import it. The layout
-itself (file names, configs, the VAE encoder's keys, SD 1.4's scheduler config) is `folder.py`'s, and the
+itself (file names, configs, the VAE encoder's keys, SD 1.4's scheduler config) is `diffusers_folder.py`'s, and the
 tokenizer files are written by `tokenizer.py`.
 """
 from pathlib import Path
@@ -25,6 +25,9 @@ from ..vae import AutoencoderKLDecoder, VAEConfig
 MERGES = ["t h", "i n", "th e</w>", "a n", "o n</w>", "e r</w>", "c a", "ca t</w>", "d o", "do g</w>",
           "p h", "o t", "ph ot", "phot o</w>", "o f</w>", "k in", "kin g</w>"]
 VOCAB_SIZE = 2 * 256 + len(MERGES) + 2  # the generated tokenizer's vocabulary (see write_tokenizer)
+
+# What `write_checkpoint` puts into its folder (`tiny --overwrite` replaces only a folder holding these alone)
+WRITTEN = {"model_index.json", "scheduler", "text_encoder", "unet", "vae", "tokenizer"}
 
 # Three sizes: `tiny` (fast tests), `small` (SD 1.4's topology — 4 levels, 2 layers per block, 8 heads,
 # cross-attention — at small widths) and `sd14` (full size, for benchmarks).

@@ -1,20 +1,18 @@
 """`sld-minimal i2p generate|import|classify|report|fid|prompts`: the I2P benchmark's command line (see the package).
 
-Bad arguments raise `cli_common.UsageError`; every other failure raises an exception with a one-line message, and
+Bad arguments raise `common.UsageError`; every other failure raises an exception with a one-line message, and
 `cli.main` prints either as one line.
 """
 import os
 import sys
 from pathlib import Path
 
-from ..common import (DEFAULT_WEIGHTS, Parser, UsageError, check_limits, finite_float, int_range,
-                          pick_device, pick_dtype, writable_folder)
 from ...checks import MAX_IMAGES
 from ...methods import PRESETS, safety_configs
-from .clipmodels import DEFAULT_CLIP
 from ...schedulers import SAMPLERS
-
-CLASSIFIER_CHOICES = ("q16", "nudenet", "clipscore")
+from ..common import (DEFAULT_WEIGHTS, Parser, UsageError, check_limits, finite_float, int_range, pick_device,
+                      pick_dtype, writable_folder)
+from .clipmodels import DEFAULT_CLIP
 
 
 def _positive(name, value):
@@ -36,7 +34,8 @@ def _device(name: str) -> str:
 
 
 def cmd_generate(a):
-    from ...pipeline import StableDiffusion
+    from ...loading import read_configs
+    from ...pipeline import StableDiffusion, model_size
     from .prompts import parse_shard, read_csv, select_rows
     from .run import generate
 
@@ -54,7 +53,11 @@ def cmd_generate(a):
         shard = parse_shard(a.shard)
     except ValueError as e:
         raise UsageError(f"--shard: {e}") from None
-    safety = safety_configs(a.safety, a.safety_concept)
+    # a preset by name takes the model's own safety concept (the paper's for SD 1.4); --safety-concept replaces it
+    safety = a.safety if a.safety_concept is None else safety_configs(a.safety, a.safety_concept)
+    configs, _ = read_configs(a.weights)  # every config file checked; no weight read yet
+    default = model_size(configs["unet"], configs["vae"])  # the model's own size: 512 for SD 1.4
+    a.height, a.width = a.height or default, a.width or default
     check_limits(a.width, a.height, a.batch, a.no_limits)
     writable_folder(Path(a.out), "--out")
 
@@ -126,13 +129,12 @@ def _add_columns(p):
 
 def cmd_classify(a):
     """`i2p classify`: label a run folder's images (Q16, NudeNet with its detections, CLIP score)."""
-    from .classify import classify
+    from .classify import classify, names
 
     chosen = [c.strip().lower() for c in a.classifiers.split(",") if c.strip()]
-    bad = [c for c in chosen if c not in CLASSIFIER_CHOICES]
+    bad = [c for c in chosen if c not in names()]
     if bad or not chosen:
-        raise UsageError(f"--classifiers: unknown {', '.join(bad) or '(none)'}; choose from "
-                         f"{','.join(CLASSIFIER_CHOICES)}")
+        raise UsageError(f"--classifiers: unknown {', '.join(bad) or '(none)'}; choose from {','.join(names())}")
     _positive("--batch", a.batch)
     if a.nudenet_model is not None and "nudenet" not in chosen:
         raise UsageError("--nudenet-model needs nudenet in --classifiers")
@@ -193,8 +195,8 @@ def add_parser(sub):  # called by cli.build_parser()
     g.add_argument("--use-row-guidance", action="store_true", help="each row's sd_guidance_scale, not --guidance")
     g.add_argument("--guidance", type=finite_float(0), default=7.5)
     g.add_argument("--steps", type=int_range(1, 999), default=50)
-    g.add_argument("--height", type=int_range(8), default=512, help="the paper's protocol: 512")
-    g.add_argument("--width", type=int_range(8), default=512)
+    g.add_argument("--height", type=int_range(8), help="default: the model's (512 for SD 1.4: the paper's protocol)")
+    g.add_argument("--width", type=int_range(8), help="default: the model's (512 for SD 1.4)")
     g.add_argument("--no-limits", action="store_true",
                    help=f"allow more than 2048x2048 pixels or a --batch over {MAX_IMAGES}")
     g.add_argument("--scheduler", default="pndm", choices=list(SAMPLERS),
@@ -227,7 +229,7 @@ def add_parser(sub):  # called by cli.build_parser()
 
     c = i2p_sub.add_parser("classify", help="label a run folder's images: Q16, NudeNet, CLIP score (resumable)")
     c.add_argument("folder", metavar="RUN", help="run folder of `i2p generate`")
-    c.add_argument("--classifiers", default="q16,nudenet", help="comma-separated: q16, nudenet, clipscore")
+    c.add_argument("--classifiers", default="q16,nudenet", help="comma-separated: q16, nudenet, clipscore, or a registered one (toy: the toy world's concept rule)")
     c.add_argument("--clip", default=DEFAULT_CLIP,
                    help=f"CLIP folder or hub id for Q16 (its prompts are made for the default, {DEFAULT_CLIP}), and "
                    f"for CLIP score unless --clipscore-clip")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .classify import IMAGE_NAME, image_meta, read_detections, read_labels
+from .classify import IMAGE_NAME, REGISTRY, image_meta, read_detections, read_labels
 from .metrics import (AGREEMENT, CATEGORIES, EXPOSED_CLASSES, OVERALL, agreement, count_exposed, expected_max,
                       mean_by_group, title)
 from .prompts import warn
@@ -104,7 +104,8 @@ def load_run(folder) -> Run:
         warn(f"{folder}: {short} prompts have fewer than {expected} labelled images (generation not finished?)")
     sig = _json(folder / "classify.json").get("signature", {})
     names = {"q16": lambda i: f"Q16 (CLIP {i['clip']})", "clipscore": lambda i: f"CLIP score (CLIP {i['clip']})",
-             "nudenet": lambda i: f"NudeNet {i['version']} ({i.get('detector', 'v3 detector; the paper used v2')})"}
+             "nudenet": lambda i: f"NudeNet {i['version']} ({i.get('detector', 'v3 detector; the paper used v2')})",
+             **{c: (lambda i, c=c: f"{c} ({REGISTRY[c].measures})") for c in REGISTRY}}
     classifiers = " + ".join(names[c](sig[c]) for c in sig.get("classifiers", []) if c in names) or "?"
     per_prompt = f", {expected} per prompt" if expected else ""
     return Run(folder, labels, read_detections(folder), settings, sig,
@@ -306,7 +307,10 @@ def _markdown(t: Tables, subset_size, draws, seed) -> str:
                       for x in s]
             rows.append(bold(c, cells))
         lines += _table(["Category"] + names + [f"Exp. max {n}" for n in names], rows)
-        lines += ["", "Inappropriate probability: the share of images that Q16 or NudeNet flags. Exp. max: expected "
+        ran = {c for r in t.runs for c in r.signature.get("classifiers", [])}
+        flaggers = [c for c in ("q16", "nudenet", *REGISTRY) if c in ran]
+        who = " or ".join({"q16": "Q16", "nudenet": "NudeNet"}.get(c, c) for c in flaggers) or "Q16 or NudeNet"
+        lines += ["", f"Inappropriate probability: the share of images that {who} flags. Exp. max: expected "
                   f"maximum inappropriateness, mean ± std over {draws} random subsets of {subset_size} prompts (seed "
                   f"{seed}); † fewer than {subset_size} prompts in the category: all taken.", ""]
     if any(e is not None for e in t.exposed):

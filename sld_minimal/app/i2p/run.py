@@ -198,7 +198,7 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
              after_batch=None) -> dict:
     """Make the missing images of `rows` in `folder` (see the module docstring). `safety`: preset name (an SLD or
     a SEGA one), SafetyConfig, SegaSafety or None; `negative_prompt_baseline`: plain SD with `concept` (default:
-    the paper's safety concept) as negative prompt; `guidance_scale`: a number or "row". `after_batch(row, ks)`
+    the model's safety concept, else the paper's) as negative prompt; a preset name steers away from that concept; `guidance_scale`: a number or "row". `after_batch(row, ks)`
     is called after each written batch (tests use it to interrupt a run). Returns {"made": n, "found": n}."""
     import torch
 
@@ -207,7 +207,8 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
     from ...methods import build, safety_configs
     from ...outputs import render
 
-    configs = safety_configs(safety)
+    concept = concept or pipe.safety_concept or DEFAULT_CONCEPT  # the model's own, else the paper's
+    configs = safety_configs(safety, concept if isinstance(safety, str) else None)  # a preset: with that concept
     if len(configs) > 1:
         raise ValueError("an I2P run takes one safety config (a preset name, a SafetyConfig or None)")
     safety = configs[0] if configs else None
@@ -228,7 +229,6 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
     folder = Path(folder)
     if guidance_scale != "row" and not (isinstance(guidance_scale, (int, float)) and 0 <= guidance_scale < math.inf):
         raise ValueError(f"guidance_scale must be a finite number >= 0 or 'row', got {guidance_scale!r}")
-    concept = concept or DEFAULT_CONCEPT
     negative = concept if negative_prompt_baseline else None
     settings = image_settings(pipe, safety, negative_prompt_baseline, images_per_prompt, batch, steps,
                               guidance_scale, height, width, scheduler, concept)
