@@ -241,13 +241,23 @@ def test_the_page_has_a_field_per_label_and_no_file_input(page_module, tmp_path)
     assert not numbers[0].interactive and page_module.preset_fields("custom")[0].interactive
 
 
-def test_the_command_without_a_model_says_how_to_get_one(page_module, tmp_path, monkeypatch, capsys):
+def test_the_command_without_a_model_downloads_sd14_as_generate_does(page_module, tmp_path, monkeypatch, capsys):
+    """One rule for `generate` and `demo`: without --weights, SD 1.4, downloaded first where it is missing (here the
+    download is refused at once, as offline: one line), with the toy model named as the offline alternative."""
+    from sld_minimal.app import common
     from sld_minimal.app.cli import main
 
+    fetched = []
+
+    def offline(to, fp16=False, quiet=False):
+        fetched.append(to)
+        raise RuntimeError(f"could not download {common.REPO_ID} (offline)")
+    monkeypatch.setattr(page_module, "download", offline)
     monkeypatch.chdir(tmp_path)  # no weights/stable-diffusion-v1-4 here
-    assert main(["demo"]) == 2
+    assert main(["demo"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "sld-minimal download" in err and "sld-minimal tiny /tmp/tiny" in err
+    assert fetched == [common.DEFAULT_WEIGHTS] and "--weights toy" in err
+    assert err.count("\n") == 2 and "sld-minimal: error: could not download" in err  # the note, then the error
     assert main(["demo", "--weights", str(tmp_path / "nowhere")]) == 2
     assert "no such folder or file" in capsys.readouterr().err
     assert main(["demo", "--weights", str(tmp_path), "--max-steps", "1000"]) == 2
