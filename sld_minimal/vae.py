@@ -1,7 +1,7 @@
 """SD 1.x's KL autoencoder (Rombach et al. 2022, sec. 3.1): the decoder, latents z (B, 4, h, w) → image
-x (B, 3, 8h, 8w), which sampling runs; and the encoder's key layout (`VAEEncoder`), which sampling never needs:
-the loader skips the published file's `encoder.*` and `quant_conv.*` tensors, and the writers of that layout
-(`diffusers_folder.extra_tensors`) use it.
+x (B, 3, 8h, 8w), which sampling runs; and the encoder (`VAEEncoder`), image → the posterior's moments, which
+sampling never needs: the loader skips the published file's `encoder.*` and `quant_conv.*` tensors. Training runs
+it (the toy world, `app/toy/train.py`), and the writers of the layout use its keys (`diffusers_folder.extra_tensors`).
 
 Attribute paths equal the keys of the published `vae/diffusion_pytorch_model.safetensors`, including the old
 names of the mid-block attention (`group_norm`, `query`, `key`, `value`, `proj_attn`).

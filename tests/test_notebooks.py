@@ -1,7 +1,10 @@
-"""The notebooks in notebooks/ run top to bottom on the tiny model, draw their figures, keep their promise that each
-formula is checked, and are committed without outputs (so that their diffs stay readable).
+"""The notebooks in notebooks/ run top to bottom on the toy model, draw their figures, keep their promise that each
+formula is checked, and are committed with their outputs, so that a reader sees the figures without running them:
+every code cell run once, in order, no error among the outputs, at least one figure each, no execution timings.
 
-Executing them needs the `notebooks` extra (`pip install -e ".[notebooks]"`; CI installs it).
+Executing them needs the `notebooks` extra (`pip install -e ".[notebooks]"`; CI installs it). To refresh the committed
+outputs, execute a notebook as `test_notebook_runs` does (nbclient, the toy model forced, one thread), drop each
+cell's `metadata.execution` and write it back with nbformat.
 """
 import json
 import os
@@ -13,7 +16,9 @@ import pytest
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
-EXPECTED = ["01_guidance_math.ipynb", "02_pipeline_walkthrough.ipynb", "03_research_variant.ipynb"]
+EXPECTED = ["01_guidance_math.ipynb", "02_pipeline_walkthrough.ipynb", "03_research_variant.ipynb",
+            "04_toy_world.ipynb"]
+MAX_BYTES = 1_500_000  # a committed notebook with its figures (modest dpi) stays under this
 
 
 def _read(path) -> dict:
@@ -25,14 +30,25 @@ def test_the_notebooks_are_there():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_committed_notebook_is_clean(path):
+def test_committed_notebook_has_its_outputs(path):
     nb = _read(path)
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    # every code cell run, once, top to bottom in one kernel: execution counts 1..n
+    assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1)), \
+        f"{path.name}: execution counts {[c['execution_count'] for c in code]}; execute it top to bottom and commit"
     for i, cell in enumerate(nb["cells"]):
-        if cell["cell_type"] == "code":
-            assert cell["outputs"] == [], f"{path.name} cell {i} has outputs: strip them before committing"
-            assert cell["execution_count"] is None, f"{path.name} cell {i} has an execution count"
         assert "execution" not in cell.get("metadata", {}), f"{path.name} cell {i} has execution timings"
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "code" and re.search(r"plt\.show\(|display\(", source):
+            assert cell["outputs"], f"{path.name} cell {i} draws, but has no committed output"
+    outputs = [o for c in code for o in c["outputs"]]
+    errors = [f"{o['ename']}: {o['evalue']}" for o in outputs if o["output_type"] == "error"]
+    assert not errors, f"{path.name} was committed with errors: {errors}"
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} has no committed figure"
+    assert path.stat().st_size < MAX_BYTES, f"{path.name}: {path.stat().st_size / 1e6:.1f} MB; lower the figures' dpi"
+    # outputs say nothing about the machine that made them: no absolute path of the checkout
+    assert str(NB_DIR.parent) not in json.dumps([c["outputs"] for c in code]), f"{path.name} shows a local path"
 
 
 def test_every_displayed_formula_is_checked_in_the_next_cell():
@@ -62,9 +78,9 @@ def test_notebook_runs(path):
     nb = nbformat.read(path, as_version=4)
     # MPLBACKEND (e.g. Agg in CI) would replace the inline backend, and the figures would not reach the outputs.
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
-    # The tiny model even where real weights exist; one thread, since the tiny model's ops are too small to gain
+    # The toy model even where SD 1.4's weights exist; one thread, since the toy model's ops are too small to gain
     # from more and a shared CPU loses much to oversubscription.
-    env.update(SLD_NOTEBOOKS_TINY="1", OMP_NUM_THREADS="1")
+    env.update(SLD_NOTEBOOKS_TOY="1", OMP_NUM_THREADS="1")
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
                                      resources={"metadata": {"path": str(NB_DIR)}})
     start = time.perf_counter()

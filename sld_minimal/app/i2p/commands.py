@@ -55,6 +55,8 @@ def cmd_generate(a):
         raise UsageError(f"--shard: {e}") from None
     # a preset by name takes the model's own safety concept (the paper's for SD 1.4); --safety-concept replaces it
     safety = a.safety if a.safety_concept is None else safety_configs(a.safety, a.safety_concept)
+    device = _device(a.device)  # under torchrun: this rank's GPU
+    dtype = pick_dtype(a.dtype, device)  # fp16 on the CPU: refused before any file is read
     configs, _ = read_configs(a.weights)  # every config file checked; no weight read yet
     default = model_size(configs["unet"], configs["vae"])  # the model's own size: 512 for SD 1.4
     a.height, a.width = a.height or default, a.width or default
@@ -66,8 +68,7 @@ def cmd_generate(a):
         mine = select_rows(rows, _categories(a), a.limit, shard)
     except ValueError as e:
         raise UsageError(f"--categories: {e}") from None
-    device = _device(a.device)  # under torchrun: this rank's GPU
-    pipe = StableDiffusion.from_pretrained(a.weights, device=device, dtype=pick_dtype(a.dtype, device))
+    pipe = StableDiffusion.from_pretrained(a.weights, device=device, dtype=dtype)
     counts = generate(pipe, mine, a.out, safety=safety, negative_prompt_baseline=a.negative_prompt_baseline,
                       images_per_prompt=a.images_per_prompt, batch=a.batch, steps=a.steps,
                       guidance_scale="row" if a.use_row_guidance else a.guidance, height=a.height, width=a.width,

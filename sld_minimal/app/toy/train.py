@@ -284,7 +284,8 @@ def train(out, seed=0, steps=None, minutes=None, progress=True, overwrite=False,
         write_folder(tmp, (text_cfg, unet_cfg, vae_cfg), {"text_encoder": text_sd, "unet": unet.state_dict(),
                                                           "vae": vae})
         index = json.loads((tmp / "model_index.json").read_text())
-        index["sld_minimal_safety_concept"] = SAFETY_CONCEPT
+        index["sld_minimal_safety_concept"] = SAFETY_CONCEPT     # `loading.SAFETY_CONCEPT_KEY`
+        index["sld_minimal_vocabulary"] = list(world.VOCABULARY)  # `loading.VOCABULARY_KEY`: other words warn
         write_atomic(tmp / "model_index.json", json.dumps(index, indent=2))
         world.write_prompts(tmp / "prompts.csv")
         tenth = max(1, len(losses) // 10)  # the losses of the first and the last tenth of the steps
