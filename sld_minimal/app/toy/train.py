@@ -137,36 +137,6 @@ def train_autoencoder(images: torch.Tensor, cfg: VAEConfig, budget: Budget, prog
     return encoder.eval(), quant_conv.eval(), decoder.eval(), losses
 
 
-def finetune_decoder(encoder, quant_conv, decoder, images: torch.Tensor, budget: Budget, progress=False,
-                     batch=BATCH, lr=2e-3):
-    """Stage 3: the decoder alone on latents of the frozen encoder, as SD's own decoder was fine-tuned
-    (sd-vae-ft-mse): the latent space the UNet learnt stays as it is, only the images drawn from it get sharper.
-    Loss L1 + L2. Returns the decoder and the losses."""
-    params = [*decoder.parameters()]
-    decoder.train()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses, step, bar = [], 0, _bar(progress, 1000, "decoder")
-    while (fraction := budget.fraction(step)) < 1:
-        x = images[torch.randint(len(images), (batch,))]
-        with torch.no_grad():
-            mean, logvar = VAEEncoder.posterior(quant_conv(encoder(x)))
-            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        recon = decoder.decoder(decoder.post_quant_conv(z))
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(lr, fraction, step, warmup=20)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 20 == 0:
-            _tick(bar, fraction, float(np.mean(losses[-20:])), step)
-        step += 1
-    if bar is not None:
-        bar.close()
-    return decoder.eval(), losses
-
-
 @torch.no_grad()
 def encode_all(encoder, quant_conv, images, chunk=500) -> tuple:
     """(mean, std) of q(z | x) for every image, each (N, 4, h, w)."""
