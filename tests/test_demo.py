@@ -40,7 +40,7 @@ class FakeOutput:
 
 class FakePipe:
     """Records its calls; each run calls back `steps` times, with μ > 0 at latent pixel (0, 0) only (SLD side)."""
-    default_size, name = 32, "fake"
+    default_size, name, safety_concept = 32, "fake", None  # None: the paper's concept, as SD 1.4
 
     def __init__(self, on_step=None):
         self.calls, self.on_step = [], on_step
@@ -277,3 +277,13 @@ def test_the_package_imports_and_the_command_answers_without_gradio():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == 'sld-minimal: error: the demo needs gradio: pip install -e ".[demo]"'
+
+
+def test_the_concept_field_starts_with_the_models_own_concept(tmp_path):
+    """A model that names its safety concept (the toy model: "red") fills the page's concept field with it."""
+    from sld_minimal.guidance import DEFAULT_CONCEPT
+
+    assert D.Demo(FakePipe(), tmp_path).defaults()["concept"] == DEFAULT_CONCEPT
+    own = FakePipe()
+    own.safety_concept = "red"
+    assert D.Demo(own, tmp_path).defaults()["concept"] == "red"

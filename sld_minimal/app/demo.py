@@ -247,9 +247,10 @@ class Demo:
         self._running = None  # (session, threading.Event) of the run in progress
 
     def defaults(self) -> dict:
-        """The page's initial field values; the size is the model's own."""
+        """The page's initial field values; the size and the safety concept are the model's own."""
         return {"prompt": "", "negative_prompt": "", "preset": "medium", **preset_values("medium"),
-                "concept": self.pipe.safety_concept or DEFAULT_CONCEPT, "seed": 0, "steps": min(50, self.max_steps), "guidance": 7.5,
+                "concept": self.pipe.safety_concept or DEFAULT_CONCEPT,  # the model's own concept, else the paper's
+                "seed": 0, "steps": min(50, self.max_steps), "guidance": 7.5,
                 "width": self.pipe.default_size, "height": self.pipe.default_size, "sampler": "pndm",
                 "edit_concept": "", "edit_direction": TOWARD, "edit_scale": 5.0, "edit_threshold": 0.9,
                 "edit_warmup": 10}
