@@ -93,7 +93,7 @@ def test_toy_train_never_replaces_a_folder_it_did_not_write(tmp_path, capsys, mo
     notes.mkdir()
     (notes / "mywork.txt").write_text("x")
     assert cli.main(["toy", "train", "--out", str(notes), "--steps", "2", "--overwrite", "--quiet"]) == 2
-    assert "not a toy model folder" in capsys.readouterr().err and (notes / "mywork.txt").read_text() == "x"
+    assert "did not write" in capsys.readouterr().err and (notes / "mywork.txt").read_text() == "x"
     monkeypatch.chdir(notes)
     assert cli.main(["toy", "train", "--out", ".", "--steps", "2", "--overwrite", "--quiet"]) == 2
     assert "current folder" in capsys.readouterr().err and (notes / "mywork.txt").read_text() == "x"
