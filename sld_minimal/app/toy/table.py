@@ -13,7 +13,6 @@ method starts from the same noise), labelled by `i2p classify --classifiers toy`
 
 Runs resume like any I2P run: a rerun makes only missing images and labels.
 """
-import io
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +118,5 @@ def run(weights="toy", out="runs/toy", images_per_prompt=4, steps=50, scheduler=
               "background differs from SD's image on the same seed. Δ: mean absolute pixel difference from that "
               "image (0–255)."]
     text = "\n".join(lines) + "\n"
-    buf = io.StringIO(text)
-    write_atomic(out / "table.md", buf.getvalue())
+    write_atomic(out / "table.md", text)
     return text
