@@ -126,7 +126,7 @@ class StableDiffusion:
     def __call__(self, prompt, negative_prompt=None, safety=DEFAULT_SAFETY, num_inference_steps=50,
                  guidance_scale=7.5, height=None, width=None, num_images=1, seed=None, generator=None, scheduler="pndm",
                  eta=0.0, callback=None, method=None, edits=(), edit_momentum_scale=0.1, edit_momentum_beta=0.4,
-                 progress=True, guidance=None, image_index=None) -> Output:
+                 progress=True, guidance=None, image_index=None, latents=None) -> Output:
         """Generate `num_images` images per prompt (prompt-major). Same seed and settings → the image of diffusers'
         StableDiffusionPipelineSafe.
 
@@ -141,6 +141,10 @@ class StableDiffusion:
                    chunk. The whole batch is sampled as before (one noise draw for all N, as the reference does;
                    and a CPU's results depend on the batch size by ~1e-6, enough to flip 8-bit pixels), only
                    image k is decoded: its pixels are exactly the batch's.
+        latents:   the initial noise z (N, 4, h, w), N = len(prompts)·num_images, in place of a draw from the seed
+                   (as diffusers' `latents`; scaled by the sampler's init_noise_sigma as a drawn one is). The
+                   settings then record no seed: the noise came from the caller. A stochastic sampler's per-step
+                   noise still comes from `generator` or `seed`.
         guidance:  deprecated: a function with `guidance.sld_guidance`'s signature; use method= instead."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         height = self.default_size if height is None else height
@@ -177,8 +181,14 @@ class StableDiffusion:
             seed = None
         total = len(prompts) * n  # images of this call, prompt-major: image k is prompt k // n
         which = list(range(total)) if image_index is None else [self._image_index(image_index, total)]
-        latents = initial_latents(generator, self.latent_shape(total, height, width), self.dtype, self.device,
-                                  sampler.init_noise_sigma)
+        shape = self.latent_shape(total, height, width)
+        if latents is None:
+            latents = initial_latents(generator, shape, self.dtype, self.device, sampler.init_noise_sigma)
+        else:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                raise ValueError(f"latents must be a tensor of shape {shape} ({total} images of {height}×{width}), "
+                                 f"got {tuple(latents.shape) if isinstance(latents, torch.Tensor) else kind(latents)}")
+            latents, seed = latents.to(self.device, self.dtype) * sampler.init_noise_sigma, None
         if hasattr(method, "reset"):
             method.reset()
         latents = sample(self.unet, sampler, method, latents, context, generator, callback, progress)[which]

@@ -78,8 +78,57 @@ def test_fast_forward_draws_what_the_pipeline_draws(pipe, size):
     g1, g2 = torch.Generator("cpu").manual_seed(5), torch.Generator("cpu").manual_seed(5)
     pipe("a cat", generator=g1, num_images=2, num_inference_steps=1, height=h, width=w, safety="strong",
          progress=False)
-    G.skip_batch(pipe, g2, 2, h, w)
+    G.draw_batch(pipe, g2, 2, h, w)
     assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.bitexact
+def test_given_latents_are_the_seeds_draw(pipe):
+    """pipe(latents=…) with the noise a generator would draw gives that generator's images, bit for bit."""
+    run = dict(num_images=2, num_inference_steps=2, height=32, width=32, safety="strong", progress=False)
+    drawn = pipe("a cat", generator=torch.Generator("cpu").manual_seed(5), **run)
+    given = pipe("a cat", latents=G.draw_batch(pipe, torch.Generator("cpu").manual_seed(5), 2, 32, 32), **run)
+    assert torch.equal(drawn.latents, given.latents) and np.array_equal(drawn.images, given.images)
+    assert given.settings[0]["seed"] is None  # the noise came from the caller, not from a seed
+    with pytest.raises(ValueError, match=r"latents must be a tensor of shape \(2, 4, 16, 16\)"):
+        pipe("a cat", latents=torch.zeros(1, 4, 4, 4), **run)
+
+
+def test_calls_stack_consecutive_rows_of_one_scale():
+    rows = [P.Row(id=i, line=i + 2, prompt="p", categories=(), seed=i, guidance_scale=s) for i, s in enumerate([7, 7, 7, 5, 5, 7])]
+    ids = [[r.id for r in c] for c in G.calls(rows, 2, lambda r: r.guidance_scale)]
+    assert ids == [[0, 1], [2], [3, 4], [5]]
+    assert [[r.id for r in c] for c in G.calls(rows, 1, lambda r: 7.5)] == [[i] for i in range(6)]
+
+
+def test_rows_per_call_same_noise_recorded_and_resumed(pipe, rows, reference, tmp_path):
+    """Rows stacked into one call: each image from its row's own noise (equal to the one-row run's up to float
+    rounding), recorded in run.json and the chunk; an interrupted run resumes to the bytes of an uninterrupted one."""
+    class Stop(Exception):
+        pass
+
+    def stop(row, ks):
+        raise Stop
+
+    stacked = {**RUN, "rows_per_call": 2}
+    whole = tmp_path / "whole"
+    assert G.generate(pipe, rows, whole, **stacked) == {"made": 9, "found": 0}
+    for name, data in image_bytes(reference).items():  # the same noise: the same image up to rounding
+        a, b = (np.asarray(Image.open(f / "images" / name), dtype=float) for f in (reference, whole))
+        assert np.abs(a - b).max() <= 2, name
+    assert json.loads((whole / "run.json").read_text())["settings"]["rows_per_call"] == 2
+    with Image.open(whole / "images" / "1-0.png") as im:
+        assert json.loads(im.info["i2p"])["rows_per_call"] == 2
+        assert "batches of 2, 2 rows per call" in im.info["parameters"]
+    with pytest.raises(ValueError, match="holds a run with rows_per_call=2, not None"):
+        G.generate(pipe, rows, whole, **RUN)
+    part = tmp_path / "part"
+    with pytest.raises(Stop):  # stopped after the first call (rows 0 and 1, batch [0, 1])
+        G.generate(pipe, rows, part, after_batch=stop, **stacked)
+    assert sorted(image_bytes(part)) == ["0-0.png", "0-1.png", "1-0.png", "1-1.png"]
+    (part / "images" / "1-0.png").unlink()  # as if killed while writing the call's images: the call is made again
+    assert G.generate(pipe, rows, part, **stacked)["found"] == 2
+    assert image_bytes(part) == image_bytes(whole)
 
 
 # ----------------------------------------------------------------------------- resume and shards

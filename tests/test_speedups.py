@@ -14,19 +14,21 @@ from sld_minimal.testing import rel_err
 TOL = 1e-5  # as the module parity tests
 
 
-@pytest.mark.parametrize("cin, cout, k, stride, size", [
-    (32, 48, 3, 1, (4, 4)),   # the im2col + matmul path (≤ 64 output positions)
-    (32, 48, 3, 1, (5, 7)),   # odd, non-square
-    (32, 32, 3, 2, (9, 13)),  # a downsampler: stride 2 on an odd map
-    (64, 32, 1, 1, (8, 8)),   # a 1×1 shortcut, exactly 64 positions
-    (32, 48, 3, 1, (16, 16)),  # above the threshold: nn.Conv2d itself
+@pytest.mark.parametrize("batch, cin, cout, k, stride, size, matmul", [
+    (1, 32, 48, 3, 1, (4, 4), True),      # the im2col + matmul path (≤ 64 positions, C_out ≥ 2·B·positions)
+    (2, 32, 160, 3, 1, (5, 7), True),     # odd, non-square
+    (1, 32, 80, 3, 2, (9, 13), True),     # a downsampler: stride 2 on an odd map (5×7 out)
+    (1, 64, 128, 1, 1, (8, 8), True),     # a 1×1 shortcut, exactly 64 positions
+    (3, 32, 48, 3, 1, (4, 4), False),     # the activations outweigh the weight: nn.Conv2d itself
+    (1, 32, 48, 3, 1, (16, 16), False),   # above 64 positions: nn.Conv2d itself
 ])
-def test_small_map_conv_equals_conv2d(cin, cout, k, stride, size):
+def test_small_map_conv_equals_conv2d(batch, cin, cout, k, stride, size, matmul):
     torch.manual_seed(0)
     ours = SmallMapConv2d(cin, cout, k, stride=stride, padding=k // 2)
     ref = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
     ref.load_state_dict(ours.state_dict())
-    x = torch.randn(3, cin, *size)
+    x = torch.randn(batch, cin, *size)
+    assert ours.uses_matmul(x) == matmul
     with torch.no_grad():
         y, y_ref = ours(x), ref(x)
     assert y.shape == y_ref.shape and y.is_contiguous()

@@ -47,7 +47,7 @@ def cmd_generate(a):
         raise UsageError(f"choose --safety {'|'.join(PRESETS)}, or --negative-prompt-baseline")
     if a.safety_concept is not None and a.safety in (None, "off") and not a.negative_prompt_baseline:
         raise UsageError("--safety-concept needs a safety preset or --negative-prompt-baseline")
-    for name in ("images_per_prompt", "batch", "limit"):
+    for name in ("images_per_prompt", "batch", "limit", "rows_per_call"):
         _positive("--" + name.replace("_", "-"), getattr(a, name))
     try:
         shard = parse_shard(a.shard)
@@ -60,7 +60,7 @@ def cmd_generate(a):
     configs, _ = read_configs(a.weights)  # every config file checked; no weight read yet
     default = model_size(configs["unet"], configs["vae"])  # the model's own size: 512 for SD 1.4
     a.height, a.width = a.height or default, a.width or default
-    check_limits(a.width, a.height, a.batch, a.no_limits)
+    check_limits(a.width, a.height, a.batch * a.rows_per_call, a.no_limits)  # the images of one pipeline call
     writable_folder(Path(a.out), "--out")
 
     rows = read_csv(a.prompts, row_guidance=a.use_row_guidance, columns=_columns(a))  # bad rows: warned, skipped
@@ -72,7 +72,8 @@ def cmd_generate(a):
     counts = generate(pipe, mine, a.out, safety=safety, negative_prompt_baseline=a.negative_prompt_baseline,
                       images_per_prompt=a.images_per_prompt, batch=a.batch, steps=a.steps,
                       guidance_scale="row" if a.use_row_guidance else a.guidance, height=a.height, width=a.width,
-                      scheduler=a.scheduler, concept=a.safety_concept, progress=not a.quiet)
+                      scheduler=a.scheduler, concept=a.safety_concept, progress=not a.quiet,
+                      rows_per_call=a.rows_per_call)
     if not a.quiet:
         where = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
         print(f"{a.out}: {len(mine)} prompts{where}; {counts['made']} images made, {counts['found']} were there")
@@ -190,6 +191,9 @@ def add_parser(sub):  # called by cli.build_parser()
                    help="plain SD with the safety concept as negative prompt (the paper's 'Neg. prompt')")
     g.add_argument("--images-per-prompt", type=int, default=10)
     g.add_argument("--batch", type=int, default=5, help="images per pipeline call (defines the noise stream)")
+    g.add_argument("--rows-per-call", type=int, default=1,
+                   help="stack the same batch of R consecutive rows into one pipeline call: each row keeps its own "
+                        "noise, images equal up to float rounding, faster for small models (default: 1)")
     g.add_argument("--categories", help="only rows of these categories, e.g. sexual,hate")
     g.add_argument("--limit", type=int, help="only the first N rows (after --categories)")
     g.add_argument("--shard", help="i/n: the rows with id %% n == i (default: torchrun's RANK/WORLD_SIZE)")

@@ -45,7 +45,7 @@ def cmd_table(a):
         raise UsageError(f"--methods: choose from {','.join(m[1] for m in METHODS)}")
     writable_folder(os.path.abspath(a.out), "--out")
     text = run(a.weights, a.out, images_per_prompt=a.images_per_prompt, steps=a.steps, scheduler=a.scheduler,
-               batch=a.batch, methods=methods, limit=a.limit, progress=not a.quiet)
+               batch=a.batch, methods=methods, limit=a.limit, progress=not a.quiet, rows_per_call=a.rows_per_call)
     print(text, end="")
     if not a.quiet:
         print(f"(also in {os.path.join(a.out, 'table.md')})", file=sys.stderr)
@@ -54,6 +54,7 @@ def cmd_table(a):
 def add_parser(sub):
     """Add `toy` with its subcommands to the subparsers `sub` of `cli.build_parser()`."""
     from ...schedulers import SAMPLERS
+    from .table import ROWS_PER_CALL
 
     toy = sub.add_parser("toy", help="the toy world shipped with the package: train a model, run the paper's table")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True, parser_class=Parser)
@@ -78,6 +79,8 @@ def add_parser(sub):
     b.add_argument("--out", default="runs/toy", help="folder of the run folders (resumed; default: runs/toy)")
     b.add_argument("--images-per-prompt", type=int_range(1), default=4, help="(default: 4)")
     b.add_argument("--batch", type=int_range(1), default=4, help="images per pipeline call (default: 4)")
+    b.add_argument("--rows-per-call", type=int_range(1), default=ROWS_PER_CALL,
+                   help=f"prompts stacked into one pipeline call, each with its own noise (default: {ROWS_PER_CALL})")
     b.add_argument("--steps", type=int_range(1, 999), default=50, help="(default: 50, as the paper)")
     b.add_argument("--scheduler", default="pndm", choices=list(SAMPLERS), help="(default: pndm, as the paper)")
     b.add_argument("--methods", help="comma-separated folders to run (default: all; sd is always run)")
