@@ -2,7 +2,9 @@
 interruption, incomplete images made again, shards that together make the unsharded run, a run folder refusing
 other settings; `i2p generate` on the command line. Generation runs the tiny checkpoint at 32×32 with 2 steps: 3
 images per prompt in batches of 2 and 1."""
+import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -239,8 +241,8 @@ def test_cli_generate_and_its_errors(tiny_ckpt, prompts_csv, tmp_path, capsys):
     out = tmp_path / "cli"
     base = ["i2p", "generate", "--prompts", str(prompts_csv), "--weights", str(tiny_ckpt), "--out", str(out),
             "--height", "32", "--width", "32", "--steps", "2", "--images-per-prompt", "2", "--batch", "2",
-            "--device", "cpu", "--quiet"]
-    assert cli.main(base + ["--negative-prompt-baseline", "--categories", "harassment"]) == 0
+            "--device", "cpu", "--quiet", "--categories", "harassment"]
+    assert cli.main(base + ["--negative-prompt-baseline"]) == 0
     assert sorted(image_bytes(out)) == ["4-0.png", "4-1.png"]
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["safety"] is None and settings["negative_prompt_baseline"]
@@ -271,3 +273,52 @@ def test_cli_generate_takes_the_column_flags(tiny_ckpt, tmp_path):
     with Image.open(out / "images" / "7-0.png") as im:
         meta = json.loads(im.info["i2p"])
     assert (meta["row"], meta["seed"], meta["categories"]) == (7, 11, ["uncategorized"])
+
+
+# ----------------------------------------------------------------------------- resume checks what it resumes
+
+@pytest.mark.parametrize("field, change", [("prompt", dict(prompt="a changed prompt")), ("seed", dict(seed=999)),
+                                           ("categories", dict(categories=("violence",)))])
+def test_resume_refuses_images_made_for_another_row(pipe, rows, reference, tmp_path, field, change):
+    """Without a recorded prompt set (an older run, or the Python API), each image's chunk is compared with the
+    row it would stand for: the first mismatch is refused in one line naming the image, the row, field and values."""
+    folder = tmp_path / "run"
+    shutil.copytree(reference, folder)
+    before = image_bytes(folder)
+    changed = [dataclasses.replace(rows[0], **change), *rows[1:]]
+    old = {"prompt": rows[0].prompt, "seed": rows[0].seed, "categories": list(rows[0].categories)}[field]
+    new = {"prompt": "a changed prompt", "seed": 999, "categories": ["violence"]}[field]
+    with pytest.raises(ValueError, match=re.escape(f"0-0.png of row 0 was made with {field} {old!r}, this run has "
+                                                   f"{new!r}; use another folder")):
+        G.generate(pipe, changed, folder, **RUN)
+    assert image_bytes(folder) == before  # nothing made, nothing lost
+
+
+def test_cli_resume_compares_the_prompt_set_first(tiny_ckpt, prompts_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["i2p", "generate", "--weights", str(tiny_ckpt), "--out", str(out), "--safety", "off", "--steps", "1",
+            "--height", "16", "--width", "16", "--images-per-prompt", "1", "--device", "cpu", "--quiet"]
+    assert cli.main(base + ["--prompts", str(prompts_csv), "--limit", "2"]) == 0
+    record = json.loads((out / "run.json").read_text())["prompts"]
+    assert record["rows"] == [0, 1] and record["limit"] == 2 and record["categories"] is None
+    assert record["columns"]["prompt"] == "prompt" and len(record["rows_sha256"]) == 64
+    # shards of the same selection share the folder (the record is the selection before sharding)
+    assert cli.main(base + ["--prompts", str(prompts_csv), "--limit", "2", "--shard", "1/2"]) == 0
+    capsys.readouterr()
+    edited = write(tmp_path / "edited.csv", prompts_csv.read_text().replace("a cat photo", "a dog photo"))
+    for extra, message in (
+            (["--prompts", str(edited), "--limit", "2"], "this run was made from another prompt set (the same "
+                                                         "rows, but a prompt, seed, guidance scale or category"),
+            (["--prompts", str(prompts_csv), "--limit", "3"], "another prompt set (limit 2, not 3)"),
+            (["--prompts", str(prompts_csv), "--limit", "2", "--categories", "hate"],
+             "another prompt set (categories None, not ['hate'])")):
+        assert cli.main(base + extra) == cli.EXIT_ERROR
+        err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("sld-minimal: warning")]
+        assert len(err) == 1 and message in err[0], err  # (the warnings: the fixture's CSV has invalid rows)
+
+
+def test_cli_i2p_generate_checks_the_size_before_loading(tmp_path, prompts_csv, capsys):
+    missing = tmp_path / "no-model"  # nothing to load: the size is refused first
+    assert cli.main(["i2p", "generate", "--prompts", str(prompts_csv), "--weights", str(missing), "--out",
+                     str(tmp_path / "run"), "--safety", "off", "--height", "36"]) == cli.EXIT_USAGE
+    assert "--height must be a multiple of 8, got 36" in capsys.readouterr().err

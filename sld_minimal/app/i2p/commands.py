@@ -3,6 +3,7 @@
 Bad arguments raise `common.UsageError`; every other failure raises an exception with a one-line message, and
 `cli.main` prints either as one line.
 """
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def cmd_generate(a):
     from ...loading import read_configs
     from ...pipeline import StableDiffusion, model_size
     from .prompts import parse_shard, read_csv, select_rows
-    from .run import generate
+    from .run import generate, prompt_record
 
     # --safety has no default: a benchmark run should say which column of the paper it is
     if a.negative_prompt_baseline and a.safety not in (None, "off"):
@@ -55,6 +56,9 @@ def cmd_generate(a):
         raise UsageError(f"--shard: {e}") from None
     # a preset by name takes the model's own safety concept (the paper's for SD 1.4); --safety-concept replaces it
     safety = a.safety if a.safety_concept is None else safety_configs(a.safety, a.safety_concept)
+    for flag, value in (("--height", a.height), ("--width", a.width)):  # before any file is read
+        if value is not None and value % 8:
+            raise UsageError(f"{flag} must be a multiple of 8, got {value}")
     device = _device(a.device)  # under torchrun: this rank's GPU
     dtype = pick_dtype(a.dtype, device)  # fp16 on the CPU: refused before any file is read
     configs, _ = read_configs(a.weights)  # every config file checked; no weight read yet
@@ -63,17 +67,20 @@ def cmd_generate(a):
     check_limits(a.width, a.height, a.batch * a.rows_per_call, a.no_limits)  # the images of one pipeline call
     writable_folder(Path(a.out), "--out")
 
-    rows = read_csv(a.prompts, row_guidance=a.use_row_guidance, columns=_columns(a))  # bad rows: warned, skipped
+    columns = _columns(a)
+    rows = read_csv(a.prompts, row_guidance=a.use_row_guidance, columns=columns)  # bad rows: warned, skipped
     try:
-        mine = select_rows(rows, _categories(a), a.limit, shard)
+        selected = select_rows(rows, _categories(a), a.limit)  # the whole selection (run.json records it) ...
     except ValueError as e:
         raise UsageError(f"--categories: {e}") from None
+    mine = select_rows(selected, shard=shard)  # ... and this process's shard of it
+    prompts = prompt_record(selected, dataclasses.asdict(columns), _categories(a), a.limit)
     pipe = StableDiffusion.from_pretrained(a.weights, device=device, dtype=dtype)
     counts = generate(pipe, mine, a.out, safety=safety, negative_prompt_baseline=a.negative_prompt_baseline,
                       images_per_prompt=a.images_per_prompt, batch=a.batch, steps=a.steps,
                       guidance_scale="row" if a.use_row_guidance else a.guidance, height=a.height, width=a.width,
                       scheduler=a.scheduler, concept=a.safety_concept, progress=not a.quiet,
-                      rows_per_call=a.rows_per_call)
+                      rows_per_call=a.rows_per_call, prompts=prompts)
     if not a.quiet:
         where = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
         print(f"{a.out}: {len(mine)} prompts{where}; {counts['made']} images made, {counts['found']} were there")

@@ -118,9 +118,43 @@ def image_settings(pipe, safety, negative_prompt_baseline=False, images_per_prom
             **({"rows_per_call": rows_per_call} if rows_per_call > 1 else {})}
 
 
-def open_run(folder, settings: dict) -> dict:
-    """Create `folder/run.json` with `settings`, or check that the one there has the same settings; removes the
-    temporaries killed writers left. Images without a run.json are refused (they would be adopted unchecked)."""
+def prompt_record(selected, columns=None, categories=None, limit=None) -> dict:
+    """What run.json records of the rows a run makes: the whole selection before sharding (the shards of one
+    selection share a folder) — its row ids and a digest of what defines or labels each row's images (prompt, seed,
+    guidance scale, categories) — and how it was chosen (the column mapping, `categories`, `limit`)."""
+    h = hashlib.sha256()
+    for r in selected:
+        h.update(json.dumps([r.id, r.prompt, r.seed, r.guidance_scale, list(r.categories)]).encode() + b"\n")
+    return {"rows_sha256": h.hexdigest(), "columns": columns,
+            "categories": sorted(c.strip().lower() for c in categories) if categories else None, "limit": limit,
+            "rows": [r.id for r in selected]}
+
+
+def _check_prompts(folder: Path, stored: dict, ours: dict):
+    """Refuse, in one line, a run folder whose run.json records another prompt set than `ours`."""
+    theirs = stored.get("prompts")
+    if theirs is None or ours is None:
+        return  # a run made before prompt sets were recorded, or a caller that passes none: images are checked
+    ours = json.loads(json.dumps(ours))
+    for key in ("columns", "categories", "limit"):
+        if theirs.get(key) != ours.get(key):
+            raise ValueError(f"{folder}: this run was made from another prompt set ({key} {theirs.get(key)!r}, "
+                             f"not {ours.get(key)!r}); use another folder")
+    if theirs.get("rows") != ours["rows"]:
+        added = sorted(set(ours["rows"]) - set(theirs.get("rows") or []))
+        gone = sorted(set(theirs.get("rows") or []) - set(ours["rows"]))
+        which = (f"rows {added[:5]} are new" if added else f"rows {gone[:5]} are missing" if gone
+                 else "the rows come in another order")
+        raise ValueError(f"{folder}: this run was made from another prompt set ({which}); use another folder")
+    if theirs.get("rows_sha256") != ours["rows_sha256"]:
+        raise ValueError(f"{folder}: this run was made from another prompt set (the same rows, but a prompt, seed, "
+                         f"guidance scale or category changed); use another folder")
+
+
+def open_run(folder, settings: dict, prompts: dict = None) -> dict:
+    """Create `folder/run.json` with `settings` (and the `prompt_record`, if given), or check that the one there
+    has the same prompt set, then the same settings; removes the temporaries killed writers left. Images without a
+    run.json are refused (they would be adopted unchecked)."""
     from ..._version import __version__
 
     folder = Path(folder)
@@ -132,8 +166,13 @@ def open_run(folder, settings: dict) -> dict:
     images.mkdir(parents=True, exist_ok=True)
     for where in (folder, images):
         files.remove_orphans(where)
-    stored = create_once(folder / "run.json", {"settings": settings, "version": __version__},
-                         "settings", "a run")
+    if (folder / "run.json").exists():  # the prompt set first: a changed CSV is the likelier mistake
+        try:
+            _check_prompts(folder, json.loads((folder / "run.json").read_text()), prompts)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise ValueError(f"{folder / 'run.json'} is damaged; remove it (and what it describes) to start over") from None
+    record = {"settings": settings, "version": __version__, **({"prompts": prompts} if prompts else {})}
+    stored = create_once(folder / "run.json", record, "settings", "a run")
     if stored.get("version") != __version__:
         warn(f"{folder} was started by sld_minimal {stored.get('version')}, this is {__version__}")
     return stored
@@ -155,14 +194,56 @@ def row_meta(row: Row, k: int, **extra) -> dict:
     return meta
 
 
-def missing(folder, rows, groups) -> set:
+def png_text(path, key: str):
+    """The text of the PNG text chunk `key` (tEXt, written before the image data as Pillow does), or None;
+    reads the chunks up to the first IDAT only."""
+    with open(path, "rb") as f:
+        f.seek(8)
+        while len(head := f.read(8)) == 8:
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            data = f.read(length)
+            f.seek(4, 1)  # the CRC
+            if kind == b"tEXt" and data.split(b"\0", 1)[0] == key.encode("latin-1"):
+                return data.split(b"\0", 1)[1].decode("latin-1")
+    return None
+
+
+# an image's `i2p` chunk fields that a resumed run must share with the row it is for
+RESUME_FIELDS = ("prompt", "seed", "categories", "guidance", "batch", "rows_per_call")
+
+
+def check_made_from(path, expected: dict):
+    """Refuse, in one line naming the row, the field and both values, an image whose `i2p` chunk says it was made
+    for another row than `expected` (`row_meta` of the row it would be) — a prompt or seed changed in the CSV."""
+    try:
+        meta = json.loads(png_text(path, "i2p") or "null")
+    except (json.JSONDecodeError, OSError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} carries no readable i2p chunk, so nothing says what it was made from; move it "
+                         f"away or use another folder")
+    for field in RESUME_FIELDS:
+        if meta.get(field) != expected.get(field):
+            raise ValueError(f"{path.name} of row {expected['row']} was made with {field} {meta.get(field)!r}, "
+                             f"this run has {expected.get(field)!r}; use another folder (or remove that row's "
+                             f"images)")
+
+
+def missing(folder, rows, groups, expected=None) -> set:
     """{(row id, first k)} of the groups of k (ranges) that are not whole: a file absent or not a complete PNG.
-    Warns once where incomplete files were found (they are made again)."""
+    Warns once where incomplete files were found (they are made again). `expected(row, k)`: the `i2p` chunk the
+    image should carry; each complete image is checked against it (`check_made_from`)."""
     todo, damaged = set(), []
     for r in rows:
         for g in groups:
             paths = [image_path(folder, r.id, k) for k in g]
             bad = [p for p in paths if p.exists() and not png_complete(p)]
+            if expected is not None:
+                for k, p in zip(g, paths):
+                    if p.exists() and p not in bad:
+                        check_made_from(p, json.loads(json.dumps(expected(r, k))))
             damaged += bad
             if bad or not all(p.exists() for p in paths):
                 todo.add((r.id, g.start))
@@ -217,11 +298,12 @@ def _png(image, texts: dict) -> bytes:
 
 def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, images_per_prompt=10, batch=5,
              steps=50, guidance_scale=7.5, height=512, width=512, scheduler="pndm", concept=None, progress=True,
-             after_batch=None, rows_per_call=1) -> dict:
+             after_batch=None, rows_per_call=1, prompts=None) -> dict:
     """Make the missing images of `rows` in `folder` (see the module docstring). `safety`: preset name (an SLD or
     a SEGA one), SafetyConfig, SegaSafety or None; `negative_prompt_baseline`: plain SD with `concept` (default:
     the model's safety concept, else the paper's) as negative prompt; a preset name steers away from that concept; `guidance_scale`: a number or "row". `after_batch(row, ks)`
     is called after each written batch (tests use it to interrupt a run). `rows_per_call`: see the module docstring.
+    `prompts`: the `prompt_record` of the selection `rows` come from, kept in run.json and compared on resume.
     Returns {"made": n, "found": n}."""
     import torch
 
@@ -257,17 +339,25 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
     settings = image_settings(pipe, safety, negative_prompt_baseline, images_per_prompt, batch, steps,
                               guidance_scale, height, width, scheduler, concept, rows_per_call)
     if (folder / "run.json").exists():  # another run's folder: say so first (comparing writes nothing)
-        open_run(folder, settings)
+        open_run(folder, settings, prompts)
     for row in rows:  # each row's method can be built (guidance "row": its own s_g)
         scale = row.guidance_scale if guidance_scale == "row" else guidance_scale
         if scale is None:
             raise ValueError(f"row {row.id} (line {row.line}) has no guidance scale, which guidance 'row' needs")
         build(configs, (), scale)
-    open_run(folder, settings)
+    open_run(folder, settings, prompts)
     groups = batches(images_per_prompt, batch)
 
-    # What is done already: whole batches of complete PNGs (a batch missing any file is made again, all of it).
-    todo = missing(folder, rows, groups)
+    def scale_of(row):
+        return row.guidance_scale if guidance_scale == "row" else guidance_scale
+
+    def meta(row, k):  # an image's `i2p` chunk
+        return row_meta(row, k, batch=batch, guidance=scale_of(row),
+                        **({"rows_per_call": rows_per_call} if rows_per_call > 1 else {}))
+
+    # What is done already: whole batches of complete PNGs (a batch missing any file is made again, all of it),
+    # each made for the row it stands for.
+    todo = missing(folder, rows, groups, expected=meta)
     found = sum(len(g) for r in rows for g in groups if (r.id, g.start) not in todo)
     call = dict(negative_prompt=negative, safety=safety, num_inference_steps=steps, height=height, width=width,
                 scheduler=scheduler, progress=False)  # what every pipeline call shares
@@ -276,12 +366,11 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
                                                            else "")
     made = 0
     with _bar(len(rows) * images_per_prompt, found, progress) as bar:
-        for chunk in calls(rows, rows_per_call, lambda r: r.guidance_scale if guidance_scale == "row" else
-                           guidance_scale):
+        for chunk in calls(rows, rows_per_call, scale_of):
             if not any((r.id, g.start) in todo for r in chunk for g in groups):
                 continue
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in chunk]  # one stream per row
-            scale = chunk[0].guidance_scale if guidance_scale == "row" else guidance_scale
+            scale = scale_of(chunk[0])
             for g in groups:
                 noise = [draw_batch(pipe, gen, len(g), height, width) for gen in generators]  # each row's draw
                 if not any((r.id, g.start) in todo for r in chunk):
@@ -295,9 +384,7 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
                     if preset:
                         settings = settings | {"safety": [s | {"preset": preset} for s in settings["safety"]]}
                     params = render(settings | {"seed": f"{row.seed} ({stream})"})
-                    extra = {"rows_per_call": rows_per_call} if rows_per_call > 1 else {}
-                    meta = row_meta(row, k, batch=batch, guidance=scale, **extra)
-                    png = _png(image, {"parameters": params, "i2p": json.dumps(meta)})
+                    png = _png(image, {"parameters": params, "i2p": json.dumps(meta(row, k))})
                     write_atomic(image_path(folder, row.id, k), png)
                     made += 1
                     bar.update(1)

@@ -13,6 +13,7 @@ method starts from the same noise), labelled by `i2p classify --classifiers toy`
 
 Runs resume like any I2P run: a rerun makes only missing images and labels.
 """
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +77,9 @@ def run(weights="toy", out="runs/toy", images_per_prompt=4, steps=50, scheduler=
     from ...loading import model_path
     from ...pipeline import StableDiffusion
     from ..i2p.classify import classify
-    from ..i2p.prompts import read_csv, select_rows
+    from ..i2p.prompts import Columns, read_csv, select_rows
     from ..i2p.report import report
-    from ..i2p.run import generate
+    from ..i2p.run import generate, prompt_record
 
     chosen = [m for m in METHODS if methods is None or m[0] in methods or m[1] in methods]
     if methods is not None and len(chosen) != len(set(methods)):
@@ -91,6 +92,7 @@ def run(weights="toy", out="runs/toy", images_per_prompt=4, steps=50, scheduler=
         raise FileNotFoundError(f"{prompts} is missing: the toy table runs on a model folder that carries its "
                                 f"prompt set (the toy model's does)")
     rows = select_rows(read_csv(prompts), limit=limit)
+    record = prompt_record(rows, dataclasses.asdict(Columns()), None, limit)  # run.json keeps it: resumes compare
     pipe = StableDiffusion.from_pretrained(weights)
     out = Path(out)
     for name, folder, options in chosen:
@@ -98,7 +100,7 @@ def run(weights="toy", out="runs/toy", images_per_prompt=4, steps=50, scheduler=
             print(f"{name}: {out / folder}")
         generate(pipe, rows, out / folder, images_per_prompt=images_per_prompt, batch=batch, steps=steps,
                  height=pipe.default_size, width=pipe.default_size, scheduler=scheduler, progress=progress,
-                 rows_per_call=rows_per_call, **options)
+                 rows_per_call=rows_per_call, prompts=record, **options)
         classify(out / folder, ["toy"], progress=False)
     by_id = {r.id: r for r in rows}
     baseline = _images(out / "sd")
