@@ -45,6 +45,25 @@ def dtype(name: str, value) -> torch.dtype:
     return value
 
 
+def device(name: str, value):
+    """`value` (a string or torch.device) where this machine has that device: 'cpu', 'cuda' / 'cuda:N' (N below its
+    GPU count), 'mps'; a one-line ValueError otherwise, the command line's `--device` rule (app/common.pick_device),
+    instead of an error deep inside torch after the files were read."""
+    try:
+        where = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}={value!r} is not a device (try {name}='cpu')") from None
+    if where.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (where.index or 0) >= count:
+            has = ("" if not count else "; it has one CUDA device, cuda:0" if count == 1
+                   else f"; it has {count} CUDA devices, cuda:0 to cuda:{count - 1}")
+            raise ValueError(f"{name}={str(value)!r}: no such device on this machine (try {name}='cpu'{has})")
+    elif where.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={str(value)!r}: no such device on this machine (try {name}='cpu')")
+    return value
+
+
 def config_values(cls, raw, source) -> dict:
     """The values of the frozen config dataclass `cls` found in `raw` (a parsed config.json), each checked against
     the type of the field's default (an int field wants an int, a float field a finite number, a tuple field a list
@@ -114,3 +133,25 @@ def check_limits(width: int, height: int, num_images: int):
         raise ValueError(f"{width}x{height} is more than 2048x2048 pixels {need}")
     if num_images > MAX_IMAGES:
         raise ValueError(f"{num_images} images in one call is more than {MAX_IMAGES} {need}")
+
+
+def check_positive(config, *names):
+    """ValueError "key 'k' must be …, got v" unless each named field of `config` (a number, or a tuple of numbers
+    such as `block_out_channels`) is positive and finite: a zero width, layer count or scale builds a model that
+    fails deep inside torch or silently draws nothing. The model config classes call it."""
+    for name in names:
+        value = getattr(config, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(0 < v < float("inf") for v in values):
+            wanted = ("a list of positive integers" if isinstance(value, tuple)
+                      else "a positive finite number" if isinstance(value, float) else "a positive integer")
+            raise ValueError(f"key {name!r} must be {wanted}, got {list(value) if isinstance(value, tuple) else value}")
+
+
+def check_divides(config, name, channels):
+    """ValueError unless the count in field `name` (GroupNorm groups, attention heads) divides every width in
+    `channels`: torch refuses such a GroupNorm, and heads of unequal size cannot be split."""
+    n = getattr(config, name)
+    if any(c % n for c in channels):
+        raise ValueError(f"key {name!r} ({n}) must divide each of the channel counts {list(channels)}")
+

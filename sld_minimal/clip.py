@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_positive
+
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
@@ -25,6 +27,11 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
 
     def __post_init__(self):
+        check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "max_position_embeddings", "layer_norm_eps")
+        if self.max_position_embeddings < 77:  # `tokenizer.tokenize` always gives 77 ids
+            raise ValueError(f"key 'max_position_embeddings' must be at least 77 (a prompt is 77 tokens), "
+                             f"got {self.max_position_embeddings}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"text encoder hidden_act {self.hidden_act!r} is not supported (use one of {sorted(ACTIVATIONS)})")
         if self.hidden_size % self.num_attention_heads:

@@ -8,7 +8,9 @@ scheduler config, by name.
     loading.py           this: picks the layout                            (imports all four; pipeline imports it)
 
 Safetensors only, strictly: every key present and of the right shape, or a one-line `WeightsError` naming the
-file and the key. Pickled `.bin`/`.ckpt` files are refused, always.
+file and the key. Pickled `.bin`/`.ckpt` files are refused, always. Before any weight is read, every file is
+checked by value too: model_index.json (`read_index`), each config (its class's own checks: `unet.UNetConfig`, …,
+`noise_schedule.SchedulerConfig`), the tokenizer's files, and its size against the text encoder's embedding.
 """
 from pathlib import Path
 from typing import NamedTuple
@@ -17,8 +19,8 @@ import torch
 
 from .diffusers_folder import check_folder, load_component, load_scheduler_config
 from .single_file import is_single_file, load_single_file, single_file_configs
-from .noise_schedule import SchedulerConfig
-from .tokenizer import clip_tokenizer, load_tokenizer
+from .checks import kind
+from .tokenizer import check_vocab_size, clip_tokenizer, load_tokenizer, size
 from .weights import MODELS, WeightsError, read_config, read_json
 
 
@@ -29,6 +31,9 @@ PACKAGED = {"toy": Path(__file__).parent / "data" / "toy"}
 # paper's), and the words a model trained on a small grammar knows (a prompt with others gets a warning)
 SAFETY_CONCEPT_KEY = "sld_minimal_safety_concept"
 VOCABULARY_KEY = "sld_minimal_vocabulary"
+# model_index.json's `_class_name` of an SD 1.x folder: diffusers' pipeline (which this package writes too) and its
+# safe variant; any other (SDXL, SD 2.x upscalers, video, …) has other parts and is refused before anything is read
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionPipelineSafe")
 
 
 class Model(NamedTuple):
@@ -49,22 +54,38 @@ def model_path(path) -> Path:
     return Path(path)
 
 
+def read_index(path) -> dict:
+    """A model folder's model_index.json, checked: an SD 1.x pipeline (`PIPELINES`), and this package's fields
+    well-formed; {} for a single file or a folder without the file (which loads as its parts say)."""
+    path = model_path(path)
+    file = path / "model_index.json"
+    if is_single_file(path) or not file.is_file():
+        return {}
+    try:
+        index = read_json(file)
+    except OSError as e:
+        raise WeightsError(f"{file} cannot be read ({e.strerror or e})") from None
+    if not isinstance(index, dict):
+        raise WeightsError(f"{file}: expected a JSON object, got {kind(index)}")
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise WeightsError(f"{file}: key '_class_name' is {name!r}, not an SD 1.x pipeline ({' or '.join(PIPELINES)}); "
+                           f"only SD 1.x models are supported")
+    concept, vocabulary = index.get(SAFETY_CONCEPT_KEY), index.get(VOCABULARY_KEY)
+    if concept is not None and not (isinstance(concept, str) and concept.strip()):
+        raise WeightsError(f"{file}: key {SAFETY_CONCEPT_KEY!r} must be a non-empty string, got {concept!r}")
+    if vocabulary is not None and not (isinstance(vocabulary, list) and vocabulary
+                                       and all(isinstance(w, str) and w for w in vocabulary)):
+        raise WeightsError(f"{file}: key {VOCABULARY_KEY!r} must be a non-empty list of words")
+    return index
+
+
 def index_fields(path) -> tuple:
     """(safety concept, vocabulary) that a model folder's model_index.json names (`SAFETY_CONCEPT_KEY`,
     `VOCABULARY_KEY`), each None where absent (a single file, a folder without the file, SD 1.4)."""
-    path = model_path(path)
-    if is_single_file(path) or not (path / "model_index.json").is_file():
-        return None, None
-    index = read_json(path / "model_index.json")
-    index = index if isinstance(index, dict) else {}
-    concept, vocabulary = index.get(SAFETY_CONCEPT_KEY), index.get(VOCABULARY_KEY)
-    if concept is not None and not (isinstance(concept, str) and concept.strip()):
-        raise WeightsError(f"{path / 'model_index.json'}: key {SAFETY_CONCEPT_KEY!r} must be a non-empty string, "
-                           f"got {concept!r}")
-    if vocabulary is not None and not (isinstance(vocabulary, list) and vocabulary
-                                       and all(isinstance(w, str) and w for w in vocabulary)):
-        raise WeightsError(f"{path / 'model_index.json'}: key {VOCABULARY_KEY!r} must be a non-empty list of words")
-    return concept, None if vocabulary is None else tuple(vocabulary)
+    index = read_index(path)
+    vocabulary = index.get(VOCABULARY_KEY)
+    return index.get(SAFETY_CONCEPT_KEY), None if vocabulary is None else tuple(vocabulary)
 
 
 def safety_concept(path) -> str | None:
@@ -85,34 +106,29 @@ def load_model(path, device="cpu", dtype=torch.float32, configs=None, tokenizer=
         raise WeightsError(f"{path}: ema=True (--ema) applies to single-file checkpoints only")
     found, scheduler_config = read_configs(path)  # every config checked before any weight is read
     configs = {c: (configs or {}).get(c) or found[c] for c in order}
-    if is_single_file(path):
-        tok = load_tokenizer(tokenizer) if tokenizer else clip_tokenizer()
+    single = is_single_file(path)
+    tok = load_tokenizer(tokenizer or path) if tokenizer or not single else clip_tokenizer()
+    check_vocab_size(size(tok), configs["text_encoder"].vocab_size, path)  # the tokenizer too, before any weight
+    if single:
         models, _ = load_single_file(path, device, dtype, configs, ema)
         parts = [models[c] for c in order]
     else:
-        tok = load_tokenizer(tokenizer or path)
         parts = [load_component(path, c, device, dtype, configs[c]) for c in order]
-    if len(tok) > parts[0].config.vocab_size:  # ids past the embedding table would fail deep inside the model
-        raise WeightsError(f"the tokenizer has {len(tok)} tokens but the text encoder of {path} embeds only "
-                           f"{parts[0].config.vocab_size}; pass this model's tokenizer (tokenizer= / --tokenizer DIR)")
     return Model(tok, *parts, scheduler_config, *index_fields(path))
 
 
 def read_configs(path) -> tuple[dict, dict]:
-    """({component: config}, scheduler config dict) of a model folder or single file, every value type-checked,
-    without reading a weight: what the command line validates a request against before loading."""
+    """({component: config}, scheduler config dict) of a model folder (its model_index.json checked too) or single
+    file, every value checked, without reading a weight: what the command line validates a request against before
+    loading."""
     path = model_path(path)
     if not is_single_file(path):
         folder = check_folder(path)
+        read_index(folder)  # an SDXL or video pipeline's folder is refused by name, before its parts
         for c in MODELS:
             if not (folder / c).is_dir():
                 raise WeightsError(f"{folder / c} is missing; the model folder is incomplete — download it again "
                                    f"(`sld-minimal download`)")
         configs = {c: read_config(MODELS[c][1], folder / c / "config.json") for c in MODELS}
         return configs, load_scheduler_config(folder)  # which checks the scheduler config
-    configs, scheduler_config = single_file_configs(path)
-    try:
-        SchedulerConfig.from_dict(scheduler_config)
-    except ValueError as e:
-        raise WeightsError(f"{path}: {e}") from None
-    return configs, scheduler_config
+    return single_file_configs(path)  # which checks the scheduler config

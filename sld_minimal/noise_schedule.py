@@ -40,6 +40,19 @@ class SchedulerConfig:
                              "only 'linear' and 'scaled_linear' are implemented")
         if self.timestep_spacing not in (None, *SPACINGS):
             raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}: expected one of {SPACINGS}")
+        # the values the maths needs: T ≥ 1 steps, offsets inside them, and 0 < β_t < 1 rising (each step adds
+        # some noise, never all of it; outside, ᾱ_t turns zero, negative or NaN and the sampler divides by it)
+        T = self.num_train_timesteps
+        if T < 1:
+            raise ValueError(f"key 'num_train_timesteps' must be at least 1, got {T}")
+        if not 0 <= self.steps_offset < T:
+            raise ValueError(f"key 'steps_offset' must be from 0 to num_train_timesteps - 1 = {T - 1}, "
+                             f"got {self.steps_offset}")
+        for key in ("beta_start", "beta_end"):
+            if not 0 < getattr(self, key) < 1:
+                raise ValueError(f"key {key!r} must be between 0 and 1 (exclusive), got {getattr(self, key)}")
+        if self.beta_end <= self.beta_start:
+            raise ValueError(f"key 'beta_end' must be above beta_start ({self.beta_start}), got {self.beta_end}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":

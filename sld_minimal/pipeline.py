@@ -18,7 +18,7 @@ import torch
 
 from . import methods, schedulers, speedups
 from ._version import __version__
-from .checks import dtype as check_dtype, integer, kind, number
+from .checks import device as check_device, dtype as check_dtype, integer, kind, number
 from .conditions import PROMPT, UNCOND, concept_text
 from .guidance import PRESETS as SAFETY_PRESETS, Edit
 from .loading import load_model
@@ -65,6 +65,7 @@ class StableDiffusion:
         `vae_dtype`: the VAE's own dtype, e.g. torch.float32 with dtype=torch.float16 (the SD 1.x VAE can overflow
         in fp16; its weights are then the fp16 ones, cast up, as diffusers' `upcast_vae` does).
         fp16 on the CPU (dtype or vae_dtype) is refused before anything is read: PyTorch has no fast CPU fp16 path."""
+        device = check_device("device", device)  # before any file is read
         dtype = check_dtype("dtype", dtype)
         vae_dtype = None if vae_dtype is None else check_dtype("vae_dtype", vae_dtype)
         if torch.device(device).type == "cpu" and torch.float16 in (dtype, vae_dtype):
@@ -151,7 +152,7 @@ class StableDiffusion:
         width = self.default_size if width is None else width
         negatives, num_inference_steps, guidance_scale, height, width, num_images, eta, seed = self._check(
             prompts, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images, scheduler, eta,
-            seed)
+            seed, generator)
         prompts = list(prompts)
         if self.vocabulary is not None and (unknown := self._unknown_words(prompts + negatives)):
             warnings.warn(f"words this model never saw (outside its vocabulary): {', '.join(unknown)}", stacklevel=3)
@@ -243,7 +244,7 @@ class StableDiffusion:
         return k
 
     def _check(self, prompts, negative_prompt, steps, guidance_scale, height, width, num_images, scheduler, eta,
-               seed) -> tuple:
+               seed, generator=None) -> tuple:
         """Validate every argument before any work (numpy scalars welcome); returns the negative prompts, one per
         prompt, and the numbers as Python ints and floats."""
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -271,6 +272,10 @@ class StableDiffusion:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if seed is not None and not 0 <= (seed := integer("seed", seed)) < 2**64:
             raise ValueError(f"seed must be from 0 to 2**64 - 1, got {seed}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {kind(generator)}")
+        if seed is not None and generator is not None:  # else one of them would be ignored without a word
+            raise ValueError("pass seed= or generator=, not both: the noise comes from one of them")
         if isinstance(scheduler, schedulers.Sampler):
             if scheduler.steps_taken:
                 raise ValueError(f"the scheduler object has already taken {scheduler.steps_taken} steps; "

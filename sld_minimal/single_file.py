@@ -27,9 +27,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .clip import CLIPTextConfig
-from .diffusers_folder import SCHEDULER_CONFIG, STEMS, canonical_key, check_folder, extra_tensors, weights_file, write_folder
+from .diffusers_folder import (SCHEDULER_CONFIG, STEMS, canonical_key, check_folder, extra_tensors, load_scheduler_config,
+                               weights_file, write_folder)
 from .files import remove_orphans, temp_name
-from .tokenizer import write_clip_tokenizer
+from .noise_schedule import SchedulerConfig
+from .tokenizer import CLIP_VOCAB_SIZE, check_vocab_size, load_tokenizer, size, write_clip_tokenizer
 from .unet import UNetConfig
 from .vae import VAEConfig
 from .weights import MODELS, PICKLE_SUFFIXES, WeightsError, build, config_from_dict, read_config, read_state_dict
@@ -188,30 +190,42 @@ def load_single_file(path, device="cpu", dtype=torch.float32, configs=None, ema=
 
 
 def single_file_configs(path) -> tuple[dict, dict]:
-    """({component: config}, scheduler config) of a single file, from its header alone (no tensor is read)."""
+    """({component: config}, scheduler config) of a single file, from its header alone (no tensor is read), each
+    checked as a folder's config files are."""
     _, stored = inspect_file(Path(path))
     configs = {c: config_from_dict(type(DEFAULTS[c]), stored.get(c, {}), f"{path} ({c} config)") for c in DEFAULTS}
-    return configs, stored.get("scheduler", SCHEDULER_CONFIG)
+    scheduler_config = stored.get("scheduler", SCHEDULER_CONFIG)
+    try:
+        SchedulerConfig.from_dict(scheduler_config)
+    except ValueError as e:
+        raise WeightsError(f"{path} (scheduler config): {str(e).removeprefix('scheduler config: ')}") from None
+    return configs, scheduler_config
 
 
 def convert(src, dst, ema=False, tokenizer=None) -> Path:
     """A model folder → one `.safetensors` file, or a single file → a folder in the published diffusers layout (with
-    configs, scheduler, tokenizer). Never overwrites `dst`; written under a temporary name, then renamed."""
+    configs, scheduler, tokenizer: `tokenizer`'s, else CLIP's). Never overwrites `dst`; written under a temporary
+    name, then renamed. A folder that would not load (a tokenizer larger than the text encoder's embedding, as CLIP's
+    49408 tokens are for a small model converted without --tokenizer) is refused before anything is written."""
     src, dst = Path(src), Path(dst)
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; convert never overwrites — choose a new destination")
+    if is_single_file(src) and dst.suffix.lower() == ".safetensors":
+        raise WeightsError(f"{src} is a single file: it converts to a folder, not to {dst.name}")
+    if not is_single_file(src) and (ema or dst.suffix.lower() != ".safetensors"):
+        raise WeightsError(f"{src} is a folder: it converts to one file named *.safetensors (and --ema applies "
+                           f"to single files only)")
+    if is_single_file(src):  # refused before anything is written: a folder that would not load
+        configs, _ = single_file_configs(src)
+        tokens = CLIP_VOCAB_SIZE if tokenizer is None else size(load_tokenizer(tokenizer))
+        check_vocab_size(tokens, configs["text_encoder"].vocab_size, src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(dst.parent, of=dst.name)  # what a killed convert to the same destination left
     tmp = temp_name(dst)  # the files' one temporary pattern, with this process's id
     tmp.mkdir()
     try:
-        if is_single_file(src) and dst.suffix.lower() == ".safetensors":
-            raise WeightsError(f"{src} is a single file: it converts to a folder, not to {dst.name}")
         if is_single_file(src):
             out = file_to_folder(src, tmp / "out", ema, tokenizer)
-        elif ema or dst.suffix.lower() != ".safetensors":
-            raise WeightsError(f"{src} is a folder: it converts to one file named *.safetensors (and --ema applies "
-                               f"to single files only)")
         else:
             out = folder_to_file(src, tmp / "out.safetensors")
         os.rename(out, dst)
@@ -231,7 +245,7 @@ def folder_to_file(folder, dst: Path) -> Path:
         for k, v in {**model.state_dict(), **extras}.items():
             tensors[compvis_name(c, k, configs[c])] = v.reshape(compvis_shape(c, k, v.shape)).contiguous()
     meta = {c: dataclasses.asdict(cfg) for c, cfg in configs.items()}
-    meta["scheduler"] = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    meta["scheduler"] = load_scheduler_config(folder)  # checked: the file's loader will check it again
     save_file(tensors, str(dst), metadata={"format": "pt", META_KEY: json.dumps(meta)})
     return dst
 

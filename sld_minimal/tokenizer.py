@@ -29,6 +29,7 @@ from .weights import WeightsError
 
 BPE_FILE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2  # CLIP keeps this many merges: 2·256 byte symbols + merges + 2 specials = 49408
+CLIP_VOCAB_SIZE = 2 * 256 + N_MERGES + 2  # 49408 tokens: the vocabulary `clip_tokenizer` derives
 SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
            "unk_token": "<|endoftext|>"}  # SD 1.4 pads with <|endoftext|>
 
@@ -79,12 +80,43 @@ def load_tokenizer(folder):
     for name in ("vocab.json", "merges.txt"):
         if not (sub / name).is_file():
             raise WeightsError(f"{sub / name} is missing; the model folder is incomplete — download it again")
+    check_files(sub)
     try:
         return CLIPTokenizer.from_pretrained(str(sub))
     except Exception as e:  # noqa: BLE001 — transformers raises many kinds, naming no file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise WeightsError(f"{sub}: vocab.json / merges.txt cannot be read as a CLIP tokenizer ({first}); "
                            f"download the model again or pass another --tokenizer") from None
+
+
+def check_files(sub: Path):
+    """WeightsError unless `sub`'s vocab.json is a non-empty JSON object of token → id and its merges.txt holds at
+    least one merge: transformers loads an empty list of either without a word, and then spells every prompt byte
+    by byte (another image) or fails on its first token."""
+    again = "download the model again or pass another --tokenizer"
+    try:
+        vocab = json.loads((sub / "vocab.json").read_text(encoding="utf-8"))
+        merges = (sub / "merges.txt").read_text(encoding="utf-8").splitlines()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{sub}: vocab.json / merges.txt cannot be read as a CLIP tokenizer ({e}); {again}") from None
+    if not (isinstance(vocab, dict) and vocab and all(type(i) is int and i >= 0 for i in vocab.values())):
+        raise WeightsError(f"{sub / 'vocab.json'} must be a non-empty JSON object of token → id (an integer >= 0); "
+                           f"{again}")
+    if not any(line.strip() and not line.startswith("#version") for line in merges):  # the header is no merge
+        raise WeightsError(f"{sub / 'merges.txt'} holds no merges, so every word would be spelt byte by byte; {again}")
+
+
+def check_vocab_size(tokens: int, vocab_size: int, model):
+    """WeightsError unless ids 0..tokens−1 fit the text encoder's embedding table of `vocab_size` rows (a smaller
+    vocabulary, trained on a few words, is fine): a larger id would fail deep inside the model."""
+    if tokens > vocab_size:
+        raise WeightsError(f"the tokenizer has {tokens} tokens but the text encoder of {model} embeds only "
+                           f"{vocab_size}; pass this model's tokenizer (tokenizer= / --tokenizer DIR)")
+
+
+def size(tokenizer) -> int:
+    """The rows an embedding table needs for the tokenizer's ids: its largest id + 1 (its length, for CLIP's)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
 
 
 def clip_tokenizer():

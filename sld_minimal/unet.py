@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checks import check_divides, check_positive
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -43,6 +45,14 @@ class UNetConfig:
         known = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
         if not set(self.down_block_types + self.up_block_types) <= known:
             raise ValueError(f"unet config: only the SD 1.x block types {sorted(known)} are supported")
+        check_positive(self, "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                       "attention_head_dim", "cross_attention_dim", "norm_num_groups", "norm_eps", "sample_size")
+        check_divides(self, "norm_num_groups", self.block_out_channels)  # every GroupNorm's channels
+        rch = self.block_out_channels[::-1]  # the up path's widths
+        attended = {self.block_out_channels[-1]} | {  # the widths of the levels with a spatial transformer
+            c for types, chs in ((self.down_block_types, self.block_out_channels), (self.up_block_types, rch))
+            for kind, c in zip(types, chs) if kind.startswith("CrossAttn")}
+        check_divides(self, "attention_head_dim", sorted(attended))  # heads split those widths
 
 
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0, max_period: float = 10000.0):

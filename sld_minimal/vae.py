@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checks import check_divides, check_positive
 from .unet import ResnetBlock2D
 
 
@@ -24,6 +25,11 @@ class VAEConfig:
     layers_per_block: int = 2
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215  # latents were scaled by this to unit variance before diffusion training
+
+    def __post_init__(self):  # 0 would divide the latents by zero: an all-black image
+        check_positive(self, "latent_channels", "out_channels", "block_out_channels", "layers_per_block",
+                       "norm_num_groups", "scaling_factor")
+        check_divides(self, "norm_num_groups", self.block_out_channels)
 
     @property
     def factor(self) -> int:

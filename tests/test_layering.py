@@ -20,7 +20,7 @@ PACKAGE = ROOT / "sld_minimal"
 LAYERS = {
     "base": ({"_version", "checks", "conditions", "files"}, set()),
     "math": ({"guidance", "noise_schedule", "schedulers"}, {"base"}),
-    "models": ({"clip", "unet", "vae"}, set()),
+    "models": ({"clip", "unet", "vae"}, {"base"}),  # base: the config value checks
     "speedups": ({"speedups"}, {"models"}),
     "loading": ({"weights", "tokenizer", "diffusers_folder", "single_file", "loading"}, {"base", "math", "models"}),
     "methods": ({"methods"}, {"base", "math"}),

@@ -369,3 +369,38 @@ def test_save_writes_pngs_with_parameters(own_pipe, tmp_path):
         assert needle in text
     img = np.asarray(Image.open(paths[1])) / 255
     assert np.abs(img - out.images[1]).max() <= 0.5 / 255 + 1e-6
+
+
+def test_seed_and_generator_together_are_refused(own_pipe):
+    """Both given, one would be ignored without a word: refused before any work, in one line."""
+    calls = []
+    handle = own_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError) as err:
+            own_pipe("a photo of the cat", seed=1, generator=torch.Generator().manual_seed(1), progress=False)
+        assert str(err.value) == "pass seed= or generator=, not both: the noise comes from one of them"
+        with pytest.raises(TypeError) as err:
+            own_pipe("a photo of the cat", generator=1, progress=False)
+        assert str(err.value) == "generator must be a torch.Generator, got int"
+    finally:
+        handle.remove()
+    assert not calls
+
+
+@pytest.mark.parametrize("device, gpus, message", [
+    ("cuda", 0, "device='cuda': no such device on this machine (try device='cpu')"),
+    (torch.device("cuda", 0), 0, "device='cuda:0': no such device on this machine (try device='cpu')"),
+    ("cuda:1", 1, "device='cuda:1': no such device on this machine (try device='cpu'; it has one CUDA device, cuda:0)"),
+    ("cuda:2", 2, "device='cuda:2': no such device on this machine (try device='cpu'; it has 2 CUDA devices, cuda:0 "
+                  "to cuda:1)"),
+    ("mps", 0, "device='mps': no such device on this machine (try device='cpu')"),
+    ("gpu", 0, "device='gpu' is not a device (try device='cpu')"),
+])
+def test_a_device_this_machine_lacks_is_refused_before_any_file(tmp_path, monkeypatch, device, gpus, message):
+    """The command line's `--device` rule for the Python API: one line, before the model (here: absent) is read."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError) as err:
+        StableDiffusion.from_pretrained(tmp_path / "absent", device=device)
+    assert str(err.value) == message

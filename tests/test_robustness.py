@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sld_minimal import files
+from sld_minimal import files, weights
 from sld_minimal.app import cli
 from sld_minimal.testing import tiny
 from sld_minimal.outputs import SETTINGS_CHUNK, settings_from_png
 from sld_minimal.pipeline import StableDiffusion
-from sld_minimal.weights import read_config
+from sld_minimal.weights import WeightsError, read_config
+from sld_minimal.clip import CLIPTextConfig
+from sld_minimal.loading import PACKAGED, SAFETY_CONCEPT_KEY, VOCABULARY_KEY, read_index
+from sld_minimal.tokenizer import load_tokenizer
 from sld_minimal.unet import UNetConfig
 
 FAST = ["--steps", "2", "--seed", "1", "--quiet"]
@@ -183,6 +186,97 @@ def test_bad_vocab_names_the_tokenizer_folder(tiny_ckpt, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "x", "--weights", model, "--out", tmp_path / "o.png", *FAST)
     assert code == 1 and f"{model / 'tokenizer'}: vocab.json / merges.txt cannot be read" in one_line(err)
     assert not (tmp_path / "o.png").exists()
+
+
+# ----------------------------------------------------------------------------- model files checked by value
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if any tensor is read: every model file is checked by value before that."""
+    def refuse(*a, **kw):
+        raise AssertionError("a weight was read before the model files were checked")
+    monkeypatch.setattr(weights, "read_tensors", refuse)
+
+
+TOO_MANY = "the tokenizer has 531 tokens but the text encoder of {model} embeds only 100; pass this model's tokenizer " \
+           "(tokenizer= / --tokenizer DIR)"
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("vae/config.json", {"scaling_factor": 0}, "{path}: key 'scaling_factor' must be a positive finite number, got 0.0"),
+    ("vae/config.json", {"norm_num_groups": 24},
+     "{path}: key 'norm_num_groups' (24) must divide each of the channel counts [32, 64]"),
+    ("vae/config.json", {"latent_channels": 0}, "{path}: key 'latent_channels' must be a positive integer, got 0"),
+    ("unet/config.json", {"sample_size": 0}, "{path}: key 'sample_size' must be a positive integer, got 0"),
+    ("unet/config.json", {"block_out_channels": [32, 0]},
+     "{path}: key 'block_out_channels' must be a list of positive integers, got [32, 0]"),
+    ("unet/config.json", {"layers_per_block": 0}, "{path}: key 'layers_per_block' must be a positive integer, got 0"),
+    ("unet/config.json", {"norm_num_groups": 5},
+     "{path}: key 'norm_num_groups' (5) must divide each of the channel counts [32, 64]"),
+    ("unet/config.json", {"attention_head_dim": 3},
+     "{path}: key 'attention_head_dim' (3) must divide each of the channel counts [32, 64]"),
+    ("text_encoder/config.json", {"num_attention_heads": 0},
+     "{path}: key 'num_attention_heads' must be a positive integer, got 0"),
+    ("text_encoder/config.json", {"max_position_embeddings": 16},
+     "{path}: key 'max_position_embeddings' must be at least 77 (a prompt is 77 tokens), got 16"),
+    ("scheduler/scheduler_config.json", {"num_train_timesteps": -5},
+     "{path}: key 'num_train_timesteps' must be at least 1, got -5"),
+    ("scheduler/scheduler_config.json", {"beta_start": -0.1},
+     "{path}: key 'beta_start' must be between 0 and 1 (exclusive), got -0.1"),
+    ("scheduler/scheduler_config.json", {"beta_end": 5}, "{path}: key 'beta_end' must be between 0 and 1 (exclusive), got 5.0"),
+    ("scheduler/scheduler_config.json", {"beta_start": 0.02, "beta_end": 0.01},
+     "{path}: key 'beta_end' must be above beta_start (0.02), got 0.01"),
+    ("scheduler/scheduler_config.json", {"steps_offset": 1000},
+     "{path}: key 'steps_offset' must be from 0 to num_train_timesteps - 1 = 999, got 1000"),
+    ("scheduler/scheduler_config.json", {"steps_offset": -1},
+     "{path}: key 'steps_offset' must be from 0 to num_train_timesteps - 1 = 999, got -1"),
+    ("model_index.json", {"_class_name": "StableDiffusionXLPipeline"},
+     "{path}: key '_class_name' is 'StableDiffusionXLPipeline', not an SD 1.x pipeline (StableDiffusionPipeline or "
+     "StableDiffusionPipelineSafe); only SD 1.x models are supported"),
+    ("model_index.json", {"_class_name": "TextToVideoSDPipeline"},
+     "{path}: key '_class_name' is 'TextToVideoSDPipeline', not an SD 1.x pipeline (StableDiffusionPipeline or "
+     "StableDiffusionPipelineSafe); only SD 1.x models are supported"),
+    ("model_index.json", "{oops", "{path} is not valid JSON (Expecting property name enclosed in double quotes: "
+                                  "line 1 column 2 (char 1)); download it again"),
+    ("model_index.json", "[]", "{path}: expected a JSON object, got list"),
+    ("tokenizer/merges.txt", "", "{path} holds no merges, so every word would be spelt byte by byte; download the "
+                                 "model again or pass another --tokenizer"),
+    ("tokenizer/merges.txt", "#version: 0.2\n", "{path} holds no merges, so every word would be spelt byte by byte; "
+                                                 "download the model again or pass another --tokenizer"),
+    ("tokenizer/vocab.json", "{}", "{path} must be a non-empty JSON object of token → id (an integer >= 0); download "
+                                   "the model again or pass another --tokenizer"),
+    ("text_encoder/config.json", {"vocab_size": 100}, TOO_MANY),
+])
+def test_bad_model_values_are_one_line_before_any_weight(tiny_ckpt, tmp_path, capsys, no_weights, file, change,
+                                                         message):
+    """A value the model cannot work with (an all-black image, another tokenization, an error deep in torch) is
+    refused by from_pretrained and the command line alike, naming the file and the key, before a weight is read."""
+    model = shutil.copytree(tiny_ckpt, tmp_path / "m")
+    if isinstance(change, dict):
+        _edit_json(model / file, **change)
+    else:
+        (model / file).write_text(change)
+    message = message.format(path=model / file, model=model)
+    with pytest.raises(WeightsError) as err:
+        StableDiffusion.from_pretrained(model)
+    assert str(err.value) == message
+    code, _, err = run(capsys, "generate", "x", "--weights", model, "--out", tmp_path / "o.png", *FAST)
+    assert code == 1 and one_line(err) == f"sld-minimal: error: {message}\n"
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_sd1_indexes_and_folders_without_one_load(tiny_ckpt, tmp_path):
+    """The safe pipeline's index, this package's own fields (the toy model's) and a folder without model_index.json
+    all load; the toy's 619-token vocabulary fits its 619-row embedding."""
+    model = shutil.copytree(tiny_ckpt, tmp_path / "m")
+    _edit_json(model / "model_index.json", _class_name="StableDiffusionPipelineSafe")
+    assert StableDiffusion.from_pretrained(model).safety_concept is None
+    (model / "model_index.json").unlink()
+    assert StableDiffusion.from_pretrained(model).vocabulary is None
+    toy = read_index(PACKAGED["toy"])
+    assert toy["_class_name"] == "StableDiffusionPipeline" and {SAFETY_CONCEPT_KEY, VOCABULARY_KEY} <= set(toy)
+    assert len(load_tokenizer(PACKAGED["toy"])) == read_config(CLIPTextConfig, PACKAGED["toy"] / "text_encoder"
+                                                               / "config.json").vocab_size == 619
 
 
 def test_python_api_says_which_type_it_wanted(tiny_ckpt):

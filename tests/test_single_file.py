@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sld_minimal import single_file
+from sld_minimal import single_file, weights
 from sld_minimal.app import cli
 from sld_minimal.testing import tiny
 from sld_minimal.testing.pickles import write_trap
@@ -198,8 +198,8 @@ def test_ema_weights(tiny_ckpt, tiny_file, tmp_path):
     plain, ema = (load_single_file(path, ema=e)[0]["unet"].state_dict() for e in (False, True))
     assert all(torch.equal(plain[k], ref[k]) and torch.equal(ema[k], ref[k] + 1) for k in ref)
     with pytest.warns(UserWarning, match="EMA UNet weights"):
-        convert(path, tmp_path / "folder")  # the EMA copy is not converted: said so
-    converted = load_component(convert(path, tmp_path / "ema", ema=True), "unet")
+        convert(path, tmp_path / "folder", tokenizer=tiny_ckpt)  # the EMA copy is not converted: said so
+    converted = load_component(convert(path, tmp_path / "ema", ema=True, tokenizer=tiny_ckpt), "unet")
     assert torch.equal(converted.conv_in.weight, ema["conv_in.weight"])
 
 
@@ -290,10 +290,63 @@ def test_cli_generate_from_a_single_file(tiny_ckpt, tiny_file, tmp_path, capsys)
     out = tmp_path / "cat.png"
     args = ["generate", "a photo of the cat", "--weights", str(tiny_file), "--steps", "2", "--height", "32",
             "--width", "32", "--seed", "0", "--device", "cpu", "--quiet", "--out", str(out)]
-    assert cli.main(args + ["--tokenizer", str(tiny_ckpt / "tokenizer")]) == 0
+    tokenizer = ["--tokenizer", str(tiny_ckpt / "tokenizer")]
+    assert cli.main(args + tokenizer) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert cli.main(args + ["--overwrite", "--ema"]) == cli.EXIT_ERROR  # the tiny file has no EMA copy
+    assert cli.main(args + tokenizer + ["--overwrite", "--ema"]) == cli.EXIT_ERROR  # the tiny file has no EMA copy
     assert "needs the EMA copy of the UNet" in capsys.readouterr().err
     assert cli.main(args[:2] + ["--weights", str(tiny_ckpt), "--ema", "--out", str(tmp_path / "x.png")]) == 1
     assert "applies to single-file checkpoints only" in capsys.readouterr().err
 
+
+
+# ---------------------------------------------------------------- convert writes a folder that loads, or nothing
+
+def test_convert_refuses_before_writing_a_folder_that_would_not_load(tiny_ckpt, tiny_file, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A single file carries no tokenizer: the folder gets CLIP's 49408 tokens unless --tokenizer says otherwise,
+    and those must fit the text encoder's embedding (the tiny one has 531 rows). Refused from the header and the
+    tokenizer alone, before a tensor is read or a file written; with the model's tokenizer the folder loads."""
+    def refuse(*a, **kw):
+        raise AssertionError("a tensor was read before the conversion was checked")
+    monkeypatch.setattr(weights, "read_tensors", refuse)
+    dst = tmp_path / "new" / "folder"
+    with pytest.raises(WeightsError) as err:
+        convert(tiny_file, dst)
+    assert str(err.value) == (f"the tokenizer has 49408 tokens but the text encoder of {tiny_file} embeds only "
+                              f"{tiny.VOCAB_SIZE}; pass this model's tokenizer (tokenizer= / --tokenizer DIR)")
+    assert cli.main(["convert", str(tiny_file), str(dst)]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == f"sld-minimal: error: {err.value}\n"
+    empty = Path(shutil.copytree(tiny_ckpt / "tokenizer", tmp_path / "tok"))
+    (empty / "merges.txt").write_text("#version: 0.2\n")
+    assert cli.main(["convert", str(tiny_file), str(dst), "--tokenizer", str(empty)]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == (f"sld-minimal: error: {empty / 'merges.txt'} holds no merges, so every word "
+                                       f"would be spelt byte by byte; download the model again or pass another "
+                                       f"--tokenizer\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # nothing written, not even the parent folder
+    monkeypatch.undo()
+    back = convert(tiny_file, dst, tokenizer=tiny_ckpt)
+    assert len(StableDiffusion.from_pretrained(back).tokenizer) == tiny.VOCAB_SIZE
+
+
+def test_scheduler_values_checked_in_both_layouts(tiny_ckpt, tiny_file, tmp_path):
+    """A bad value in a single file's stored scheduler config is refused when it is loaded or converted; a folder's
+    is refused when it is converted to a file (not carried into it)."""
+    meta = safe_open(str(tiny_file), "pt").metadata()
+    stored = json.loads(meta[single_file.META_KEY])
+    stored["scheduler"]["beta_end"] = 5
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(tiny_file), bad, metadata=meta | {single_file.META_KEY: json.dumps(stored)})
+    message = f"{bad} (scheduler config): key 'beta_end' must be between 0 and 1 (exclusive), got 5.0"
+    for call in (lambda: StableDiffusion.from_pretrained(bad, tokenizer=tiny_ckpt),
+                 lambda: convert(bad, tmp_path / "folder", tokenizer=tiny_ckpt)):
+        with pytest.raises(WeightsError) as err:
+            call()
+        assert str(err.value) == message
+    folder = Path(shutil.copytree(tiny_ckpt, tmp_path / "m"))
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"num_train_timesteps": 0}))
+    with pytest.raises(WeightsError) as err:
+        convert(folder, tmp_path / "m.safetensors")
+    assert str(err.value) == f"{config}: key 'num_train_timesteps' must be at least 1, got 0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "m"]

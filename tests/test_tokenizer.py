@@ -1,12 +1,18 @@
-"""CLIP's tokenizer (tokenizer.py): the packaged BPE file gives CLIP's ids, and a prompt longer than 77 tokens is cut
-with a warning that names the dropped words."""
+"""CLIP's tokenizer (tokenizer.py): the packaged BPE file gives CLIP's ids, a prompt longer than 77 tokens is cut
+with a warning that names the dropped words, and a tokenizer's files are checked by value (non-empty, and fitting
+the text encoder's embedding)."""
 import hashlib
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from sld_minimal.tokenizer import BPE_FILE, clip_tokenizer, clip_vocab_and_merges, load_tokenizer
+from sld_minimal.loading import PACKAGED
+from sld_minimal.tokenizer import (BPE_FILE, CLIP_VOCAB_SIZE, check_vocab_size, clip_tokenizer, clip_vocab_and_merges,
+                                   load_tokenizer, size)
+from sld_minimal.weights import WeightsError
 
 
 def test_packaged_bpe_file_is_clips():
@@ -38,3 +44,37 @@ def test_long_prompts_are_truncated_with_a_warning_naming_the_dropped_words(tiny
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(tokenize(tok, ["the cat"])[0, 3:], torch.full((74,), tok.pad_token_id))
+
+
+def test_tokenizer_files_are_checked_by_value(tiny_ckpt, tmp_path):
+    """Empty or malformed vocab.json / merges.txt are refused by name (transformers would load an empty merges list
+    and spell every word byte by byte); a merges file without the `#version` line is fine."""
+    tok = Path(shutil.copytree(tiny_ckpt / "tokenizer", tmp_path / "tok"))
+    vocab, merges = (tok / "vocab.json").read_text(), (tok / "merges.txt").read_text()
+    again = "download the model again or pass another --tokenizer"
+    for bad in ('{"a": "one"}', '["a"]', '{"a": -1}', '{"a": 1.0}'):
+        (tok / "vocab.json").write_text(bad)
+        with pytest.raises(WeightsError) as err:
+            load_tokenizer(tok)
+        assert str(err.value) == f"{tok / 'vocab.json'} must be a non-empty JSON object of token → id (an integer " \
+                                 f">= 0); {again}"
+    (tok / "vocab.json").write_text(vocab)
+    (tok / "merges.txt").write_text("#version: 0.2\n\n  \n")
+    with pytest.raises(WeightsError) as err:
+        load_tokenizer(tok)
+    assert str(err.value) == f"{tok / 'merges.txt'} holds no merges, so every word would be spelt byte by byte; {again}"
+    (tok / "merges.txt").write_text(merges.removeprefix("#version: 0.2\n"))
+    assert load_tokenizer(tok)("the cat").input_ids == load_tokenizer(tiny_ckpt)("the cat").input_ids
+
+
+def test_a_vocabulary_must_fit_the_text_encoders_embedding():
+    """Ids 0..n−1 need n embedding rows; a smaller trained vocabulary (the toy model's 619 tokens) is fine."""
+    assert CLIP_VOCAB_SIZE == 49408 == len(clip_vocab_and_merges()[0])
+    toy = load_tokenizer(PACKAGED["toy"])
+    assert size(toy) == len(toy) == 619
+    check_vocab_size(619, 619, "toy")
+    check_vocab_size(531, 619, "toy")
+    with pytest.raises(WeightsError) as err:
+        check_vocab_size(CLIP_VOCAB_SIZE, 619, "toy")
+    assert str(err.value) == ("the tokenizer has 49408 tokens but the text encoder of toy embeds only 619; pass this "
+                              "model's tokenizer (tokenizer= / --tokenizer DIR)")
