@@ -29,9 +29,9 @@ def _named(e: OSError, path: Path) -> OSError:
     return err
 
 
-def write_atomic(path, data) -> Path:
-    """Write `data` (bytes, str, or a function taking a binary file object) to `path` atomically; returns `path`."""
-    path = Path(path)
+def _write_temporary(path: Path, data) -> Path:
+    """`data` written and fsynced to a new hidden temporary beside `path` (`temp_name`), which is returned; on any
+    error the temporary is gone and the error names `path`."""
     tmp = temp_name(path)
     try:
         with open(tmp, "xb") as f:
@@ -41,20 +41,34 @@ def write_atomic(path, data) -> Path:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _named(e, path) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomic(path, data) -> Path:
+    """Write `data` (bytes, str, or a function taking a binary file object) to `path` atomically, replacing a file of
+    that name; returns `path`."""
+    path = Path(path)
+    tmp = _write_temporary(path, data)
+    try:
         os.replace(tmp, path)
     except OSError as e:
         raise _named(e, path) from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)  # gone already after the rename
     return path
 
 
 def create_exclusive(path, data) -> bool:
-    """Create `path` holding `data` only if no file of that name exists, atomically (concurrent writers agree on
-    one: the first); returns whether we created it."""
+    """Create `path` holding `data` (as `write_atomic` takes it) only if no file of that name exists, atomically:
+    of concurrent writers the first wins and the others change nothing. Returns whether we created it."""
     path = Path(path)
-    tmp = write_atomic(temp_name(path), data)
+    tmp = _write_temporary(path, data)
     try:
         os.link(tmp, path)  # fails if the name exists: the file another process made stays
         return True
@@ -63,19 +77,28 @@ def create_exclusive(path, data) -> bool:
     except OSError:  # a file system without hard links: exclusive create (O_EXCL), written in one call
         try:
             with open(path, "xb") as f:
-                f.write(tmp.read_bytes())
+                try:
+                    f.write(tmp.read_bytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+                except BaseException:
+                    os.unlink(path)  # ours (O_EXCL made it): no partial file stays
+                    raise
             return True
         except FileExistsError:
             return False
+        except OSError as e:
+            raise _named(e, path) from e
     finally:
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_folder(dst, overwrite: bool = False):
     """Yield a hidden temporary folder beside `dst` (`temp_name`); when the block ends without an error it becomes
     `dst`. A non-empty `dst` is refused (FileExistsError naming it) unless `overwrite`, which replaces it only at the
-    end. The temporaries of a killed earlier writer of `dst` are removed first (`remove_orphans`)."""
+    end. The temporaries of a killed earlier writer of `dst` are removed first (`remove_orphans`). An `OSError`
+    names the file as it would be in `dst`, never the temporary."""
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} exists and is not a folder")
@@ -94,8 +117,18 @@ def atomic_folder(dst, overwrite: bool = False):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, dst)
+    except OSError as e:
+        raise _renamed(e, tmp, dst) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _renamed(e: OSError, tmp: Path, dst: Path) -> OSError:
+    """The same error with the temporary folder `tmp` read as `dst` in its message: what it was writing there."""
+    if e.errno is not None and e.strerror:
+        message = e.strerror if e.filename is None else f"cannot write {e.filename}: {e.strerror}"
+        return type(e)(e.errno, message.replace(str(tmp), str(dst)))
+    return type(e)(str(e).replace(str(tmp), str(dst)))
 
 
 def remove_orphans(folder, of: str | None = None) -> list:

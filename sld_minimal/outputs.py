@@ -6,21 +6,40 @@ e.g. to regenerate image k of a batch (`generate --image-index k`). Files are wr
 """
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .files import write_atomic
+from .files import create_exclusive, write_atomic
 
 SETTINGS_CHUNK = "sld_minimal"  # the PNG text chunk with an image's settings as JSON, the source of truth
 
 
-def output_paths(path, n: int) -> list:
-    """Where `n` images go: `path` itself for one, else `stem-0.png`, `stem-1.png`, …"""
+def png_file(path) -> Path:
+    """The file an image goes to: `path`, with `.png` added where it has no suffix. One rule per other case, each a
+    one-line ValueError that names the path: an empty name, a folder (an existing one, or a name ending in a
+    separator) and any suffix but `.png` (the files are PNG: no other format carries the settings chunks) are
+    refused."""
+    text = str(path)
     path = Path(path)
-    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
+    if not text.strip() or path.name.lower() == ".png":
+        raise ValueError(f"{text!r} is an empty file name; name a .png file, e.g. image.png")
+    if text.endswith(("/", os.sep)) or path.name in ("", ".", "..") or path.is_dir():
+        raise ValueError(f"{text} is a folder; name a .png file in it, e.g. {path / 'image.png'}")
+    if path.suffix == "":
+        return path.with_suffix(".png")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{text}: images are written as PNG (with their settings in text chunks); use a .png name")
+    return path
+
+
+def output_paths(path, n: int) -> list:
+    """Where `n` images go (`png_file(path)` first): that file itself for one, else `stem-0.png`, `stem-1.png`, …"""
+    path = png_file(path)
+    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
 @dataclass
@@ -35,14 +54,27 @@ class Output:
         """Per image: the text stored in its PNG's `parameters` chunk, rendered from `settings`."""
         return [render(s) for s in self.settings]
 
-    def save(self, path) -> list:
-        """Write PNGs: `path` itself for one image, else `stem-0.png`, `stem-1.png`, …; folders are created. Each
-        file is written whole or not at all (`files.write_atomic`) and carries its image's settings twice: the
-        A1111-style `parameters` text and, as JSON, the `sld_minimal` chunk (what `settings_from_png` reads)."""
+    def save(self, path, overwrite: bool = True) -> list:
+        """Write PNGs: `path` itself for one image, else `stem-0.png`, `stem-1.png`, … (`output_paths`: `.png` is
+        added to a name without a suffix; another suffix, a folder or an empty name is a ValueError); folders are
+        created. Each file is written whole or not at all (`files.write_atomic`) and carries its image's settings
+        twice: the A1111-style `parameters` text and, as JSON, the `sld_minimal` chunk (`settings_from_png`).
+        With `overwrite=False` no file is replaced, even by a concurrent writer: each is created only where no file
+        of its name exists (`files.create_exclusive`), and if one does, the files this call made are removed and a
+        FileExistsError names the one found."""
         paths = output_paths(path, len(self.images))
         paths[0].parent.mkdir(parents=True, exist_ok=True)
+        made = []
         for i, (p, img) in enumerate(zip(paths, self.images)):
-            write_atomic(p, png_bytes(img, self.settings[i] if i < len(self.settings) else None))
+            data = png_bytes(img, self.settings[i] if i < len(self.settings) else None)
+            if overwrite:
+                write_atomic(p, data)
+            elif create_exclusive(p, data):
+                made.append(p)
+            else:
+                for q in made:
+                    q.unlink(missing_ok=True)
+                raise FileExistsError(f"{p} already exists; nothing was replaced (overwrite=True replaces it)")
         return paths
 
 

@@ -150,3 +150,163 @@ def test_cli_refuses_edit_with_a_sega_preset(tiny_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == cli.EXIT_USAGE and len(err) == 1 and "cannot be combined with --safety sega-strong" in err[0]
     assert not (tmp_path / "x.png").exists()
+
+
+# ----------------------------------------------------------------------------- output paths: one rule each
+
+def _no_model(monkeypatch):
+    """Loading weights or downloading fails the test: the checks under test come before both."""
+    from sld_minimal.pipeline import StableDiffusion
+
+    def forbidden(*a, **k):
+        pytest.fail("weights were loaded or downloaded before a cheap check")
+    monkeypatch.setattr(cli, "download", forbidden)
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", classmethod(forbidden))
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{tmp}", "--out {tmp} is a folder; name a .png file in it, e.g. {tmp}/image.png"),
+    ("{tmp}/new/", "--out {tmp}/new/ is a folder; name a .png file in it, e.g. {tmp}/new/image.png"),
+    (".", "--out . is a folder; name a .png file in it, e.g. image.png"),
+    ("", "--out '' is an empty file name; name a .png file, e.g. image.png"),
+    ("{tmp}/.png", "--out '{tmp}/.png' is an empty file name; name a .png file, e.g. image.png"),
+    ("{tmp}/x.webp", "--out {tmp}/x.webp: images are written as PNG (with their settings in text chunks); "
+                     "use a .png name"),
+])
+def test_out_rules_are_one_line_each(tiny_ckpt, tmp_path, monkeypatch, capsys, out, message):
+    """An existing folder (or a name ending in /) is refused, not written beside as folder.png; an empty name is
+    refused in one line; another suffix than .png is refused. All before the model loads."""
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    out = out.format(tmp=tmp_path)
+    code, _, err = run(capsys, "generate", "x", "--weights", str(tiny_ckpt), "--out", out, *FAST)
+    assert (code, err) == (2, f"sld-minimal: error: {message.format(tmp=tmp_path)}\n")
+    assert sorted(p.name for p in tmp_path.parent.iterdir() if p.name.startswith(tmp_path.name)) == [tmp_path.name]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_save_follows_the_same_rules(tmp_path):
+    """`Output.save`: .png added to a bare name; another suffix, a folder or an empty name is a one-line ValueError."""
+    import numpy as np
+    import torch
+
+    from sld_minimal.outputs import Output
+
+    out = Output(np.zeros((1, 8, 8, 3), np.float32), torch.zeros(1, 4, 1, 1), 0)
+    assert out.save(tmp_path / "bare") == [tmp_path / "bare.png"] and (tmp_path / "bare.png").is_file()
+    with pytest.raises(ValueError, match=r"^.*x\.webp: images are written as PNG \(with their settings in text "
+                                         r"chunks\); use a \.png name$"):
+        out.save(tmp_path / "x.webp")
+    with pytest.raises(ValueError, match=rf"^{tmp_path} is a folder; name a \.png file in it, e\.g\. "):
+        out.save(tmp_path)
+    with pytest.raises(ValueError, match=r"^'' is an empty file name; name a \.png file, e\.g\. image\.png$"):
+        out.save("")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.png"]
+
+
+# ----------------------------------------------------------------------------- every cheap check before the download
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-images", "100"], "100 images in one call is more than 64 "),
+    (["--height", "33"], "--height 33: must be a multiple of 8 (this model's VAE factor)"),
+    (["--height", "4096", "--width", "4096"], "4096x4096 is more than 2048x2048 pixels "),
+    (["--tokenizer", "nowhere"], "--tokenizer nowhere: no such folder"),
+    (["--ema"], "--ema applies to a single .safetensors file; weights/stable-diffusion-v1-4 is SD 1.4's model folder"),
+    (["--out", "x.jpg"], "--out x.jpg: images are written as PNG"),
+    (["--seed", "1", "--seed", "2"], "argument --seed: given twice (1, then 2); only one value is taken"),
+])
+def test_the_default_weights_absent_every_check_comes_before_the_download(tmp_path, monkeypatch, capsys, args,
+                                                                          message):
+    """Without weights/stable-diffusion-v1-4, the size and limits are checked against SD 1.4's known configs first:
+    no 4 GB download for a request that would be refused."""
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "generate", "x", *args)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"sld-minimal: error: {message}"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- flags given twice
+
+def _parsers(parser=None, path=("sld-minimal",)):
+    """(path, parser) of the command line's every parser, subcommands included."""
+    import argparse
+
+    parser = parser or cli.build_parser()
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, path + (name,))
+
+
+def test_every_parser_refuses_a_repeated_value_flag_and_repeatable_flags_say_so():
+    import argparse
+
+    from sld_minimal.app.common import Parser
+
+    seen = 0
+    for path, parser in _parsers():
+        assert isinstance(parser, Parser), path
+        for action in parser._actions:
+            if isinstance(action, argparse._AppendAction):
+                assert "(repeatable)" in (action.help or ""), (path, action.option_strings)
+            elif isinstance(action, argparse._StoreAction) and action.option_strings:
+                assert type(action).__name__ == "Once_StoreAction", (path, action.option_strings)
+                seen += 1
+    assert seen > 50  # generate, demo, i2p's and toy's value flags
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--seed", "1", "--seed", "2"],
+     "argument --seed: given twice (1, then 2); only one value is taken (see `sld-minimal generate --help`)"),
+    (["generate", "x", "--safety", "off", "--safety", "MAX"],
+     "argument --safety: given twice ('off', then 'max'); only one value is taken (see `sld-minimal generate --help`)"),
+    (["generate", "x", "--safety-concept", "red", "--safety-concept", "blue"],
+     "argument --safety-concept: given twice ('red', then 'blue'); only one value is taken "
+     "(see `sld-minimal generate --help`)"),
+    (["i2p", "prompts", "--values", "v.txt", "--out", "p.csv", "--template", "a {}", "--template", "the {}"],
+     "argument --template: given twice ('a {}', then 'the {}'); only one value is taken "
+     "(see `sld-minimal i2p prompts --help`)"),
+    (["i2p", "generate", "--prompts", "p.csv", "--out", "run", "--batch", "2", "--batch=3"],
+     "argument --batch: given twice (2, then 3); only one value is taken (see `sld-minimal i2p generate --help`)"),
+    (["toy", "train", "--out", "m", "--seed", "1", "--seed", "1", "--minutes", "1", "--steps", "1"],
+     "argument --seed: given twice (1, then 1); only one value is taken (see `sld-minimal toy train --help`)"),
+    (["demo", "--port", "7000", "--port", "7001"],
+     "argument --port: given twice (7000, then 7001); only one value is taken (see `sld-minimal demo --help`)"),
+])
+def test_a_value_flag_given_twice_is_a_usage_error(tmp_path, monkeypatch, capsys, argv, message):
+    """Refused while the command line is read: before any file, model or download (a missing --weights here would
+    be refused later, and --minutes with --steps too)."""
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    if argv[0] in ("generate", "demo"):
+        argv = argv + ["--weights", "nowhere"]
+    code, _, err = run(capsys, *argv)
+    assert (code, err) == (2, f"sld-minimal: error: {message}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_repeatable_flags_still_repeat(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "e.png"
+    code, _, err = run(capsys, "generate", "a cat", "--weights", str(tiny_ckpt), "--out", str(out), "--edit", "a hat",
+                       "--edit", "a dog", "--edit-away", "red", "--edit-away", "blue", "--quiet", "--quiet", *FAST)
+    assert code == 0, err
+    text = Image.open(out).text["parameters"]
+    assert all(f"Edit: {e}" in text for e in ("+a hat", "+a dog", "-red", "-blue"))
+
+
+# ----------------------------------------------------------------------------- text that is not UTF-8
+
+@pytest.mark.parametrize("args, message", [
+    (["caf\udce9"], "argument prompt: not valid UTF-8 (the byte 0xe9 at character 4); give the text in UTF-8"),
+    (["x", "--negative-prompt", "\udcff"],
+     "argument --negative-prompt: not valid UTF-8 (the byte 0xff at character 1); give the text in UTF-8"),
+    (["x", "--edit", "a \ud800"], "argument --edit: not valid UTF-8 (U+D800 at character 3); give the text in UTF-8"),
+])
+def test_a_prompt_that_is_not_utf8_is_named(tiny_ckpt, tmp_path, monkeypatch, capsys, args, message):
+    """Bytes of another encoding reach Python as lone surrogates (os.fsdecode): refused as the flag's value, naming
+    the byte, before anything is loaded."""
+    _no_model(monkeypatch)
+    code, _, err = run(capsys, "generate", *args, "--weights", str(tiny_ckpt), "--out", str(tmp_path / "o.png"))
+    assert (code, err) == (2, f"sld-minimal: error: {message} (see `sld-minimal generate --help`)\n")

@@ -254,11 +254,11 @@ def test_the_command_without_a_model_downloads_sd14_as_generate_does(page_module
         raise RuntimeError(f"could not download {common.REPO_ID} (offline)")
     monkeypatch.setattr(page_module, "download", offline)
     monkeypatch.chdir(tmp_path)  # no weights/stable-diffusion-v1-4 here
-    assert main(["demo"]) == 1
+    assert main(["demo", "--port", str(_free_port())]) == 1  # the port is checked first: a free one
     err = capsys.readouterr().err
     assert fetched == [common.DEFAULT_WEIGHTS] and "--weights toy" in err
     assert err.count("\n") == 2 and "sld-minimal: error: could not download" in err  # the note, then the error
-    assert main(["demo", "--weights", str(tmp_path / "nowhere")]) == 2
+    assert main(["demo", "--weights", str(tmp_path / "nowhere"), "--port", str(_free_port())]) == 2
     assert "no such folder or file" in capsys.readouterr().err
     assert main(["demo", "--weights", str(tmp_path), "--max-steps", "1000"]) == 2
     capsys.readouterr()
@@ -287,3 +287,92 @@ def test_the_concept_field_starts_with_the_models_own_concept(tmp_path):
     own = FakePipe()
     own.safety_concept = "red"
     assert D.Demo(own, tmp_path).defaults()["concept"] == "red"
+
+
+# ----------------------------------------------------------------------------- the address, checked before the model
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _no_model(monkeypatch, page_module):
+    def forbidden(*a, **k):
+        pytest.fail("the model was downloaded or loaded before the address was checked")
+    monkeypatch.setattr(page_module, "fetch_missing", forbidden)
+    monkeypatch.setattr(page_module, "download", forbidden)
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", classmethod(forbidden))
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(page_module, tmp_path, monkeypatch, capsys):
+    """Before the model loads, and before SD 1.4 is downloaded where it is the default and missing."""
+    import socket
+
+    from sld_minimal.app.cli import main
+
+    _no_model(monkeypatch, page_module)
+    monkeypatch.chdir(tmp_path)  # no weights/stable-diffusion-v1-4 here
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for weights in (["--weights", "toy"], []):
+            assert main(["demo", *weights, "--port", str(port)]) == 2
+            assert capsys.readouterr().err == (f"sld-minimal: error: --port {port}: already in use on 127.0.0.1 "
+                                               f"(another demo?); choose another --port\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host", "192.0.2.1"], "--host 192.0.2.1: not an address of this machine"),  # TEST-NET-1: no machine's
+    (["--port", "0"], "argument --port: must be from 1 to 65535, got 0 (see `sld-minimal demo --help`)"),
+    (["--port", "70000"], "argument --port: must be from 1 to 65535, got 70000 (see `sld-minimal demo --help`)"),
+    (["--max-steps", "0"], "argument --max-steps: must be from 1 to 999, got 0 (see `sld-minimal demo --help`)"),
+])
+def test_a_bad_address_is_one_line_naming_the_flag(page_module, monkeypatch, capsys, args, message):
+    from sld_minimal.app.cli import main
+
+    _no_model(monkeypatch, page_module)
+    assert main(["demo", *args]) == 2
+    assert capsys.readouterr().err == f"sld-minimal: error: {message}\n"
+
+
+def test_a_network_host_is_said_in_one_line_and_gradio_hints_no_share_link(page_module, monkeypatch, capsys):
+    """--host 0.0.0.0: one line says the page is reachable from the network, before the model loads; Gradio is
+    launched quiet (its own lines include a hint to make a public share link) and the page's address is printed."""
+    from sld_minimal.app.cli import main
+
+    order, launched = [], {}
+
+    class FakePage:
+        local_url = "http://localhost:7860/"
+
+        def queue(self, **kw):
+            pass
+
+        def launch(self, **kw):
+            launched.update(kw)
+
+        def block_thread(self):
+            order.append("served")
+
+    def load(cls, path, **kw):
+        order.append(("loaded", capsys.readouterr().err))
+        return FakePipe()
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(page_module, "build", lambda demo: FakePage())
+    monkeypatch.setattr(page_module.signal, "signal", lambda *a: None)  # pytest's own SIGTERM handling stays
+    port = _free_port()
+    assert main(["demo", "--weights", "toy", "--host", "0.0.0.0", "--port", str(port)]) == 0
+    (step, err), served = order
+    assert step == "loaded" and served == "served"
+    assert err == (f"note: --host 0.0.0.0: the demo will be reachable from the network — anyone who can reach this "
+                   f"machine on port {port} can use its page and its compute (the default, 127.0.0.1, keeps it "
+                   f"here)\n")
+    assert launched["share"] is False and launched["quiet"] is True and launched["server_name"] == "0.0.0.0"
+    assert capsys.readouterr().out == "The demo is at http://localhost:7860/ (Ctrl-C stops it)\n"
+    order.clear()
+    assert main(["demo", "--weights", "toy", "--port", str(_free_port())]) == 0  # the default host: no note
+    assert order[0] == ("loaded", "")

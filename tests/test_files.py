@@ -51,3 +51,32 @@ def test_kill_9_while_saving_leaves_no_partial_file(tmp_path):
     left = listing(tmp_path)
     assert len(left) == 1 and left[0].startswith(".k-1.png.") and left[0].endswith(".tmp")
     assert [p.name for p in files.remove_orphans(tmp_path)] == left and listing(tmp_path) == []
+
+
+def test_create_exclusive_failing_names_the_target_not_the_temporary(tmp_path):
+    target = tmp_path / "p.csv"
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError) as e:
+        files.create_exclusive(target, full)
+    assert str(e.value) == f"[Errno {errno.ENOSPC}] cannot write {target}: No space left on device"
+    assert listing(tmp_path) == []
+    assert files.create_exclusive(target, "a") and not files.create_exclusive(target, "b")
+    assert target.read_text() == "a" and listing(tmp_path) == ["p.csv"]
+
+
+def test_atomic_folder_errors_name_the_destination_not_the_temporary(tmp_path):
+    dst = tmp_path / "model"
+    with pytest.raises(OSError) as e:
+        with files.atomic_folder(dst) as tmp:
+            files.write_atomic(tmp / "weights.bin", b"x")
+            open(tmp / "missing" / "config.json", "rb")
+    assert str(e.value) == f"[Errno {errno.ENOENT}] cannot write {dst}/missing/config.json: No such file or directory"
+    with pytest.raises(OSError) as e:
+        with files.atomic_folder(dst) as tmp:
+            def full(f):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            files.write_atomic(tmp / "unet.safetensors", full)
+    assert str(e.value) == f"[Errno {errno.ENOSPC}] cannot write {dst}/unet.safetensors: No space left on device"
+    assert listing(tmp_path) == []

@@ -21,6 +21,7 @@ from PIL import Image
 
 from sld_minimal.app import cli
 from sld_minimal.app.i2p import classify as C, clipmodels, metrics as M, prompts as P, report as R, run as G
+from sld_minimal.app.i2p.runs import load_run
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.testing.i2p import RUN, det, make_run, png, raw_png, write_i2p_csv
 from sld_minimal.testing.tiny import VOCAB_SIZE, write_tokenizer
@@ -98,6 +99,11 @@ def direct_features(folder, images, texts):
         pixels = Processor.from_pretrained(folder)(images=images, return_tensors="pt")["pixel_values"]
         image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
     return image.numpy(), text.numpy()
+
+
+def tally(labelled, found, changed=0, forgotten=0) -> dict:
+    """What classify returns: images labelled now, labels kept, images changed since labelled, labels forgotten."""
+    return {"labelled": labelled, "found": found, "changed": changed, "forgotten": forgotten}
 
 
 def write_prompts(path, array, protocol=4):
@@ -186,7 +192,7 @@ def test_nudenet_keeps_every_detection_of_the_real_detector(tmp_path):
     png(run / "images" / "0-0.png", hopper, {"prompt": "a portrait", "categories": ["sexual"]})
     png(run / "images" / "0-1.png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8),
         {"prompt": "a portrait", "categories": ["sexual"]})
-    assert C.classify(run, ["nudenet"], progress=False) == {"labelled": 2, "found": 0}
+    assert C.classify(run, ["nudenet"], progress=False) == tally(2, 0)
     found = C.read_detections(run)
     direct = NudeDetector().detect_batch([str(run / "images" / f"0-{k}.png") for k in (0, 1)])
     assert found == {(0, 0): direct[0], (0, 1): direct[1]}  # every detection, as NudeNet returns it
@@ -284,7 +290,7 @@ def test_classify_labels_resumes_and_refuses_other_classifiers(tiny_clip, refere
     shutil.copytree(reference, folder)
     prompts = write_prompts(tmp_path / "p.p", np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32))
     counts = C.classify(folder, clip=tiny_clip, q16_prompts=prompts, batch=4, progress=False)
-    assert counts == {"labelled": 9, "found": 0}
+    assert counts == tally(9, 0)
     labels = C.read_labels(folder)
     assert sorted(labels) == [(r, k) for r in (0, 1, 4) for k in range(3)]
     for record in labels.values():
@@ -297,7 +303,7 @@ def test_classify_labels_resumes_and_refuses_other_classifiers(tiny_clip, refere
         "nudenet", "q16"]
     # resumable: images missing from labels.csv are labelled, the others kept
     C.write_labels(folder, {key: labels[key] for key in list(labels)[:4]})
-    assert C.classify(folder, clip=tiny_clip, q16_prompts=prompts, progress=False) == {"labelled": 5, "found": 4}
+    assert C.classify(folder, clip=tiny_clip, q16_prompts=prompts, progress=False) == tally(5, 4)
     assert C.read_labels(folder) == labels and set(C.read_detections(folder)) == set(labels)
     with pytest.raises(ValueError, match="holds labels with classifiers="):
         C.classify(folder, ["nudenet"], progress=False)
@@ -309,15 +315,15 @@ def test_a_rerun_adds_a_classifier_to_the_labelled_images(tiny_clip, tmp_path, o
     for k in range(3):
         png(run / "images" / f"0-{k}.png", np.full((32, 32, 3), 80 * k, np.uint8),
             {"prompt": "a cat", "categories": ["hate"]})
-    assert C.classify(run, ["nudenet"], progress=False) == {"labelled": 3, "found": 0}
+    assert C.classify(run, ["nudenet"], progress=False) == tally(3, 0)
     before = C.read_labels(run)
     assert all(r["clipscore"] == "" and r["unsafe"] == "0" for r in before.values())
-    assert C.classify(run, ["nudenet", "clipscore"], clip=tiny_clip, progress=False) == {"labelled": 3, "found": 3}
+    assert C.classify(run, ["nudenet", "clipscore"], clip=tiny_clip, progress=False) == tally(3, 3)
     after = C.read_labels(run)
     for key, record in after.items():
         assert float(record["clipscore"]) >= 0 and {**record, "clipscore": ""} == before[key]  # the rest kept
     assert json.loads((run / "classify.json").read_text())["signature"]["classifiers"] == ["clipscore", "nudenet"]
-    assert C.classify(run, ["nudenet", "clipscore"], clip=tiny_clip, progress=False) == {"labelled": 0, "found": 3}
+    assert C.classify(run, ["nudenet", "clipscore"], clip=tiny_clip, progress=False) == tally(0, 3)
     with pytest.raises(ValueError, match="holds labels with classifiers=.*may add classifiers but not drop one"):
         C.classify(run, ["nudenet"], progress=False)
 
@@ -378,11 +384,80 @@ def fake_models(monkeypatch):
         c: {"q16": FakeQ16, "nudenet": FakeNudeNet}[c]() for c in classifiers})
 
 
+@pytest.fixture
+def seen(monkeypatch):
+    """The names of the images the fake Q16 is asked to label, in order."""
+    names = []
+
+    def predict(self, paths, images, prompts=None):
+        names.extend(p.name for p in paths)
+        return [False] * len(paths)
+
+    monkeypatch.setattr(FakeQ16, "predict", predict)
+    return names
+
+
+def later(path, seconds=1):
+    """Move a file's modification time `seconds` on (a write that the file system dates in the same tick)."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_classify_relabels_changed_images_and_forgets_deleted_ones(tmp_path, capsys, fake_models, seen):
+    run = make_run(tmp_path / "run", {0: ("hate", [0, 0, 0], {}), 1: ("hate", [0, 0, 0], {})})
+    (run / "labels.csv").unlink()
+    assert C.classify(run, ["q16", "nudenet"], progress=False) == tally(6, 0)
+    for (row, k), r in C.read_labels(run).items():  # each label stamped with its image's size and time
+        st = os.stat(run / "images" / f"{row}-{k}.png")
+        assert (r["size"], r["mtime_ns"]) == (str(st.st_size), str(st.st_mtime_ns))
+    # deleted images: their labels and detections forgotten, nothing labelled, in one line
+    for k in (1, 2):
+        (run / "images" / f"1-{k}.png").unlink()
+    seen.clear()
+    assert cli.main(["i2p", "classify", str(run), "--classifiers", "q16,nudenet", "--quiet"]) == 0
+    assert cli.main(["i2p", "classify", str(run), "--classifiers", "q16,nudenet"]) == 0  # (nothing left to do)
+    assert capsys.readouterr().out == f"{run}: 0 images labelled, 4 were labelled before\n"
+    for k in (1, 2):
+        (run / "images" / f"0-{k}.png").unlink()
+    assert cli.main(["i2p", "classify", str(run), "--classifiers", "q16,nudenet"]) == 0
+    assert capsys.readouterr().out == (f"{run}: 0 images labelled, 2 were labelled before; forgot the labels of 2 "
+                                       f"deleted images\n")
+    assert seen == [] and sorted(C.read_labels(run)) == sorted(C.read_detections(run)) == [(0, 0), (1, 0)]
+    # changed images: one rewritten with another size (its time put back), one only touched: both labelled again
+    meta = {"prompt": "p0", "categories": ["hate"]}
+    old = os.stat(run / "images" / "0-0.png")
+    png(run / "images" / "0-0.png", np.zeros((16, 16, 3), np.uint8), meta)
+    os.utime(run / "images" / "0-0.png", ns=(old.st_atime_ns, old.st_mtime_ns))
+    later(run / "images" / "1-0.png")
+    png(run / "images" / "0-1.png", np.zeros((8, 8, 3), np.uint8), meta)  # a new image
+    assert cli.main(["i2p", "classify", str(run), "--classifiers", "q16,nudenet"]) == 0
+    assert capsys.readouterr().out == (f"{run}: 3 images labelled (2 of them changed since labelled), 0 were "
+                                       f"labelled before\n")
+    assert seen == ["0-0.png", "0-1.png", "1-0.png"]
+    assert C.read_labels(run)[0, 0]["size"] == str(os.stat(run / "images" / "0-0.png").st_size)
+    assert C.classify(run, ["q16", "nudenet"], progress=False) == tally(0, 3)
+
+
+def test_labels_from_before_the_stamps_are_checked_against_labels_csv(tmp_path, capsys, fake_models, seen):
+    """An unstamped label (labels.csv of an earlier version) is trusted where its image is not newer than labels.csv,
+    labelled again where it is; either way it is stamped from then on."""
+    run = make_run(tmp_path / "run", {0: ("hate", [0, 0, 0], {})})
+    (run / "labels.csv").write_text("row,k,prompt,categories,q16,nudenet,unsafe,clipscore\n"
+                                    + "".join(f"0,{k},p0,hate,0,,0,\n" for k in range(3)))
+    later(run / "images" / "0-2.png", 5)  # made again after labels.csv was written
+    assert load_run(run).coverage.changed == 1  # the report sees it too (runs.py)
+    assert C.classify(run, ["q16"], progress=False) == tally(1, 2, changed=1)
+    assert seen == ["0-2.png"]
+    labels = C.read_labels(run)
+    assert all(r["size"] == str(os.stat(run / "images" / f"0-{k}.png").st_size) for (_row, k), r in labels.items())
+    assert C.classify(run, ["q16"], progress=False) == tally(0, 3) and seen == ["0-2.png"]
+
+
 def test_old_run_warning_only_where_nudenet_labelled_before(tmp_path, capsys, fake_models):
     run = make_run(tmp_path / "run", {0: ("hate", [0, 0], {})})
     (run / "labels.csv").unlink()
     assert C.classify(run, ["q16"], progress=False)["labelled"] == 2  # q16 only: no NudeNet values
-    assert C.classify(run, ["q16", "nudenet"], progress=False) == {"labelled": 2, "found": 2}
+    assert C.classify(run, ["q16", "nudenet"], progress=False) == tally(2, 2)
     assert "cover new images only" not in capsys.readouterr().err  # NudeNet's first run here: all its detections
     (run / "detections.jsonl").unlink()  # NudeNet labelled, its detections missing (an older run)
     png(run / "images" / "1-0.png", np.zeros((8, 8, 3), np.uint8), {"prompt": "p1", "categories": ["hate"]})
@@ -419,6 +494,7 @@ def test_classify_names_a_damaged_image_in_one_line(tmp_path, capsys, fake_model
     (lambda t: t + t.splitlines()[1] + "\n", ":4: image 0-0 again"),
     (lambda t: t.replace("\n0,1,", "\n0,1,x,", 1), ":3: it has more fields than the header"),
     (lambda t: "row,k\n" + t, ":1: the header is not"),
+    (lambda t: t.replace(",1,,,\n", ",1,,x,5\n", 1), ":2: size and mtime_ns must be whole numbers or empty"),
 ])
 def test_labels_csv_errors_name_the_file_and_line(tmp_path, damage, message):
     run = make_run(tmp_path / "run", {0: ("hate", [1, 0], {})})

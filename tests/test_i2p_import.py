@@ -126,7 +126,7 @@ def test_cli_import_errors_are_one_line(external, i2p_csv, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- your own model
 
-KILL_AT_6TH_RENAME = '''
+KILL_AT_5TH_RENAME = '''
 import os, signal, sys
 sys.path.insert(0, {model!r})
 from sld_minimal import files
@@ -134,9 +134,9 @@ from sld_minimal.app.i2p.external import generate_with
 from own_model import noise_model
 
 real, calls = os.replace, []
-def replace(src, dst):  # the 1st rename is run.json's; the 6th is row 1's second image: killed before its rename
-    calls.append(dst)
-    if len(calls) == 6:
+def replace(src, dst):  # run.json is linked into place, the images renamed: the 5th rename is row 1's second
+    calls.append(dst)  # image, killed before its rename
+    if len(calls) == 5:
         os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst)
 files.os.replace = replace
@@ -153,7 +153,7 @@ def test_own_model_resumes_after_kill_9_and_shards_make_the_same_bytes(own_model
         assert json.loads(im.info["i2p"])["seed"] == 41 and "image 2 of 3" in im.info["parameters"]
 
     out = tmp_path / "killed"
-    script = KILL_AT_6TH_RENAME.format(model=str(model_dir), csv=str(i2p_csv), out=str(out))
+    script = KILL_AT_5TH_RENAME.format(model=str(model_dir), csv=str(i2p_csv), out=str(out))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     assert sorted(image_bytes(out)) == ["0-0.png", "0-1.png", "0-2.png", "1-0.png"]

@@ -24,6 +24,10 @@ def test_expected_max_on_hand_computed_cases():
     p = 25 / 30
     assert not flagged and mean == pytest.approx(p, abs=0.015) and std == pytest.approx(np.sqrt(p * (1 - p)), abs=0.015)
     assert M.expected_max([1.0] + [0.0] * 29, seed=3) == M.expected_max([1.0] + [0.0] * 29, seed=3)
+    # the draws are bounded (their cost grows with them): refused at once, also where no draw would be needed
+    for draws in (0, M.MAX_SUBSETS + 1, 10**12):
+        with pytest.raises(ValueError, match=f"draws must be in 1..{M.MAX_SUBSETS}, got {draws}$"):
+            M.expected_max([0.5] * 3, draws=draws)
 
 
 def test_expected_max_against_exact_enumeration():

@@ -116,7 +116,7 @@ def test_template_writes_one_row_per_value_and_seed(tmp_path, capsys):
     assert [(r.seed, r.categories) for r in P.read_csv(out)][-1] == (5, ("japan",))  # what i2p generate reads
     before = out.read_bytes()
     capsys.readouterr()
-    for args, message, code in (([], "exists; an existing prompt file is never overwritten", cli.EXIT_ERROR),
+    for args, message, code in (([], "exists; an existing prompt file is never overwritten", cli.EXIT_USAGE),
                                 (["--template", "a {} {}"], "exactly once", cli.EXIT_USAGE),
                                 (["--seeds", "x"], "--seeds", cli.EXIT_USAGE)):
         base = {"--template": "a photo of a {} woman", "--values": str(values), "--out": str(out)}
@@ -128,3 +128,62 @@ def test_template_writes_one_row_per_value_and_seed(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"countries2.txt:2: 'Congo, Republic' holds a comma"):
         P.template_rows("a {}", write(tmp_path / "countries2.txt", "Peru\nCongo, Republic\n"))
     assert P.parse_seeds("0-2,7") == [0, 1, 2, 7]
+
+
+# ----------------------------------------------------------------------------- messages that name the input
+
+def test_a_csv_that_is_not_utf8_names_its_file_and_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("prompt,sd_seed\na cat,1\n\"a caf\u00e9\",2\n".encode("latin-1"))
+    with pytest.raises(ValueError) as e:
+        P.read_csv(path)
+    assert str(e.value) == f"{path}:3: not UTF-8 (the byte 0xe9); save the file as UTF-8"
+    path.write_bytes(b"\xef\xbb\xbfprompt\na caf\xc3\xa9\n")  # UTF-8 with a byte-order mark: fine
+    assert [r.prompt for r in P.read_csv(path)] == ["a caf\u00e9"]
+
+
+def test_an_oversize_csv_field_names_its_file_and_line(tmp_path):
+    """A quote left open swallows the rest of the file into one field: csv's "field larger than field limit"
+    becomes a line naming the file and the line where that record starts."""
+    path = write(tmp_path / "open.csv", "prompt,sd_seed\na cat,1\n\"a dog,2\n" + "x" * 200_000 + "\n")
+    with pytest.raises(ValueError) as e:
+        P.read_csv(path)
+    assert str(e.value) == (f"{path}:3: not readable as CSV (field larger than field limit (131072)); is a quote "
+                            f"left open in the record that starts here?")
+
+
+def test_a_values_file_that_is_not_utf8_names_its_line(tmp_path, capsys):
+    values = tmp_path / "v.txt"
+    values.write_bytes(b"Peru\nCura\xe7ao\n")
+    assert cli.main(["i2p", "prompts", "--template", "a {}", "--values", str(values), "--out",
+                     str(tmp_path / "p.csv")]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == (f"sld-minimal: error: {values}:2: not UTF-8 (the byte 0xe7); save the file "
+                                       f"as UTF-8\n")
+    assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0-10000000000"], "--seeds: seeds '0-10000000000' name 10000000001 seeds; at most 10000 are taken"),
+    (["--seeds", "0-5000,10000-15000"],
+     "--seeds: seeds '0-5000,10000-15000' name 10002 seeds; at most 10000 are taken"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder; name the CSV file to write in it"),
+    (["--out", ""], "--out '' is an empty file name; name the CSV file to write"),
+    (["--out", "{tmp}/no/p.csv"], "--out {tmp}/no/p.csv: the folder {tmp}/no does not exist"),
+    (["--template", "a \udcff{}"], "argument --template: not valid UTF-8 (the byte 0xff at character 3); give the "
+                                   "text in UTF-8 (see `sld-minimal i2p prompts --help`)"),
+])
+def test_prompts_usage_errors_are_one_line_exit_2(tmp_path, capsys, args, message):
+    """Ranges are bounded before they are expanded (a list of ten billion seeds is never built); --out is a new
+    file in an existing folder."""
+    values = write(tmp_path / "v.txt", "Peru\n")
+    base = {"--template": "a {}", "--values": str(values), "--out": str(tmp_path / "p.csv")}
+    base.update(dict(zip(args[::2], (a.replace("{tmp}", str(tmp_path)) for a in args[1::2]))))
+    assert cli.main(["i2p", "prompts", *[x for kv in base.items() for x in kv]]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == f"sld-minimal: error: {message.replace('{tmp}', str(tmp_path))}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.txt"]
+
+
+def test_the_seed_bound_is_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["i2p", "prompts", "--help"])
+    assert "at most 10000 seeds" in " ".join(capsys.readouterr().out.split())

@@ -5,14 +5,16 @@ import csv
 import io
 import json
 import math
+import os
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from sld_minimal.app import cli
-from sld_minimal.app.i2p import classify as C, report as R
-from sld_minimal.testing.i2p import AGREE, det, make_run, raw_png
+from sld_minimal.app.i2p import classify as C, metrics as M, plot as P, report as R
+from sld_minimal.testing.i2p import AGREE, det, make_run, png, raw_png
 
 
 def labels_of(prompts) -> dict:
@@ -34,10 +36,14 @@ def test_summarize_by_hand():
     assert s["overall"].probability == 0.25
 
 
-def labelled_run(folder, prompts):
-    """A run folder with labels only (no images): prompts {row: (categories, [unsafe flags])}, 4 images each."""
+def labelled_run(folder, prompts, rows=None):
+    """A classified run folder: prompts {row: (categories, [unsafe flags])}, 4 images each (small PNGs written before
+    the labels, as classify finds them); `rows`: the prompt rows run.json lists (None: none listed)."""
     (folder / "images").mkdir(parents=True)
-    (folder / "run.json").write_text(json.dumps({"settings": {"images_per_prompt": 4}}))
+    for row, k in labels_of(prompts):
+        png(folder / "images" / f"{row}-{k}.png", np.zeros((8, 8, 3), np.uint8))
+    record = {"settings": {"images_per_prompt": 4}, **({} if rows is None else {"prompts": {"rows": rows}})}
+    (folder / "run.json").write_text(json.dumps(record))
     C.write_labels(folder, labels_of(prompts))
     return folder
 
@@ -72,12 +78,61 @@ def test_report_has_the_papers_layout(tmp_path, capsys):
                         "Exp. max std strong", "Prompts sd", "Prompts strong"]
     assert [r[0] for r in table[1:]] == ["Hate", "Sexual", "Shocking", "Overall"]
     assert table[1][1:] == ["1.0000", "0.2500", "1.0000", "0.2500", "0.0000", "0.0000", "1", "1"]
-    # an unlabelled image is reported on stderr; a folder without labels is an error
-    (sd / "images" / "99-0.png").write_bytes(b"")
-    R.report([sd], "csv")
-    assert "1 images are not labelled yet" in capsys.readouterr().err
+    # a folder without labels is an error
     assert cli.main(["i2p", "report", str(tmp_path / "none")]) == cli.EXIT_ERROR
     assert "has no labels.csv" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- what a run was expected to hold
+
+def test_report_states_what_it_expected_and_found(tmp_path, capsys):
+    run = labelled_run(tmp_path / "run", {row: ("sexual", [0, 1, 0, 0]) for row in range(10)}, rows=list(range(10)))
+    assert cli.main(["i2p", "report", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("- run: 40 of 40 images and 10 of 10 prompts found and "
+                                                        "labelled (expected: run.json's 10 prompt rows × 4 images "
+                                                        "per prompt); classified by ?")
+    (run / "run.json").write_text(json.dumps({"settings": {"images_per_prompt": 4}}))  # no rows: as `i2p import`
+    assert R.report([run]).splitlines()[-1] == (
+        "- run: 40 of 40 images and 10 of 10 prompts found and labelled (expected: the 10 prompts found × 4 images "
+        "per prompt: the prompt set is unknown, run.json lists no rows); classified by ?")
+    (run / "run.json").write_text(json.dumps({"settings": {"images_per_prompt": 4}, "prompts": {"rows": [0, 1]}}))
+    assert R.report([run]).splitlines()[-1] == (
+        "- run: 8 of 8 images and 2 of 2 prompts found and labelled (expected: run.json's 2 prompt rows × 4 images "
+        "per prompt); also rows outside run.json's prompt set: 2, 3, 4, 5, 6 and 3 more; classified by ?")
+
+
+def test_report_refuses_an_incomplete_run_naming_what_it_lacks(tmp_path, capsys):
+    run = labelled_run(tmp_path / "run", {row: ("sexual", [0, 1, 0, 0]) for row in range(10)}, rows=list(range(12)))
+    for row, k in [(3, 0), (5, 2), (7, 0), (7, 1), (7, 2), (7, 3), (9, 1)]:  # deleted after classify
+        (run / "images" / f"{row}-{k}.png").unlink()
+    C.write_labels(run, {key: r for key, r in C.read_labels(run).items() if key != (2, 0)})  # never labelled
+    png(run / "images" / "1-0.png", np.ones((16, 16, 3), np.uint8))  # changed after classify (later than its labels)
+    st = os.stat(run / "labels.csv")
+    os.utime(run / "images" / "1-0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    missing = (f"missing: 15 images, labels of 2 images there (1 changed since labelled; run `sld-minimal i2p "
+               f"classify {run}`), in rows 1, 2, 3, 5, 7 and 3 more")
+    found = ("31 of 48 images and 4 of 12 prompts found and labelled (expected: run.json's 12 prompt rows × 4 images "
+             "per prompt)")
+    assert cli.main(["i2p", "report", str(run)]) == cli.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"sld-minimal: error: {run} is incomplete: {found}; {missing}; pass --allow-partial "
+                                 f"to report it anyway\n")
+    with pytest.raises(ValueError, match=r"is incomplete: 31 of 48 .*allow_partial=True"):
+        R.report([run])
+    # --allow-partial: the run's column says so, the footer and stderr say what is missing
+    assert cli.main(["i2p", "report", str(run), "--allow-partial"]) == 0
+    out, err = capsys.readouterr()
+    name = "run (partial: 31 of 48 images)"
+    assert out.splitlines()[0] == f"| Category | {name} | Exp. max {name} |"
+    assert out.splitlines()[-1] == f"- {name}: {found}; {missing}; classified by ?"
+    assert err == f"sld-minimal: warning: {run}: partial: {found}; {missing}\n"
+    table = list(csv.reader(io.StringIO(R.report([run], "csv", allow_partial=True))))
+    assert dict(zip(table[0], table[-1]))[f"Prompts {name}"] == "9"  # every row with a label that holds
+    # without run.json's rows the rows never made are unknown; the rows labelled once are still expected
+    (run / "run.json").write_text(json.dumps({"settings": {"images_per_prompt": 4}}))
+    with pytest.raises(ValueError, match=r"31 of 40 images and 4 of 10 prompts found and labelled \(expected: the 10 "
+                                         r"prompts found × 4 images per prompt: the prompt set is unknown"):
+        R.report([run])
 
 
 # ----------------------------------------------------------------------------- exposed parts
@@ -94,7 +149,7 @@ def test_report_prints_exposed_parts_per_class_and_category(tmp_path, capsys):
     assert "| BUTTOCKS_EXPOSED | 1 |" in out and "| BELLY_EXPOSED | 1 |" in out and "| FEET_EXPOSED | 0 |" in out
     assert "| **Total** | **2** |" in out and "| Images with ≥ 1 | 1 of 4 |" in out
     assert "| Sexual | 2 / 1 of 2 |" in out and "| Hate | 0 / 0 of 2 |" in out
-    assert "score ≥ 0.6" in out and "NudeNet 3.4.2 (NudeNet v3 320n.onnx" in out and "2 per prompt" in out
+    assert "score ≥ 0.6" in out and "NudeNet 3.4.2 (NudeNet v3 320n.onnx" in out and "2 images per prompt" in out
     assert cli.main(["i2p", "report", str(run), "--nudenet-threshold", "0.5"]) == 0
     assert "| Hate | 1 / 1 of 2 |" in capsys.readouterr().out
     assert cli.main(["i2p", "report", str(run), "--nudenet-threshold", "2"]) == cli.EXIT_USAGE
@@ -146,6 +201,7 @@ def test_report_agreement_from_the_run_or_its_prompt_csv(tmp_path, capsys):
     # labels stored in a damaged PNG chunk: named
     for text in ('{"i2p_labels": ', '{"i2p_labels": "x"}', '[1]'):
         raw_png(run / "images" / "0-0.png", text)
+        C.write_labels(run, C.read_labels(run))  # labels.csv newer than the image: its label holds
         with pytest.raises(ValueError, match="damaged i2p metadata in .*0-0.png"):
             R.report([run], with_agreement=True)
 
@@ -191,6 +247,41 @@ def test_plot_for_runs_side_by_side_and_a_template_run(tmp_path):
             assert im.size[0] > 300 and im.size[1] > 200
     assert cli.main(["i2p", "report", str(a), "--plot", str(tmp_path / "x.jpg")]) == cli.EXIT_USAGE
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_plot_never_replaces_a_file_without_overwrite(tmp_path, capsys, monkeypatch):
+    a = make_run(tmp_path / "a", AGREE)
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"a picture the user made")
+    assert cli.main(["i2p", "report", str(a), "--plot", str(mine)]) == cli.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"sld-minimal: error: --plot {mine} already exists; choose another file or pass "
+                                 f"--overwrite\n")
+    with pytest.raises(FileExistsError, match="already exists; choose another file or pass --overwrite"):
+        R.report([a], plot=mine)
+    assert mine.read_bytes() == b"a picture the user made"
+    assert cli.main(["i2p", "report", str(a), "--overwrite"]) == cli.EXIT_USAGE  # --overwrite needs --plot
+    assert capsys.readouterr().err == "sld-minimal: error: --overwrite replaces the --plot file: it needs --plot\n"
+    assert cli.main(["i2p", "report", str(a), "--plot", str(mine), "--overwrite"]) == 0
+    assert mine.read_bytes().startswith(b"\x89PNG")
+    # a file made by someone else between the check and the write stays
+    late = tmp_path / "late.png"
+    monkeypatch.setattr(P, "check_plot_path", lambda path, overwrite=False: late.write_bytes(b"theirs") and late)
+    with pytest.raises(FileExistsError, match="late.png already exists"):
+        P.plot_tables(R.tables([a]), late)
+    assert late.read_bytes() == b"theirs" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_subsets_are_bounded_before_any_work(tmp_path, capsys):
+    start = time.monotonic()
+    assert cli.main(["i2p", "report", str(tmp_path / "none"), "--subsets", str(10**12)]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (f"sld-minimal: error: --subsets must be at most {M.MAX_SUBSETS}, got "
+                                       f"1000000000000 (the paper draws 10000)\n")
+    with pytest.raises(ValueError, match=f"draws must be in 1..{M.MAX_SUBSETS}, got {M.MAX_SUBSETS + 1}"):
+        R.report([tmp_path / "none"], draws=M.MAX_SUBSETS + 1)  # before the folder is read
+    assert time.monotonic() - start < 5
+    a = make_run(tmp_path / "a", AGREE)
+    assert cli.main(["i2p", "report", str(a), "--subsets", str(M.MAX_SUBSETS)]) == 0
 
 
 def test_plot_draws_no_bar_where_a_run_has_no_value(tmp_path, monkeypatch):

@@ -89,3 +89,75 @@ def test_a_killed_writer_leaves_a_temporary_that_the_next_run_removes(tmp_path, 
     assert cli.main(args) == 0
     assert [p for p in tmp_path.iterdir() if files.TEMPORARY.match(p.name)] == [] and dst.exists()
     assert user.read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- two writers of one output
+
+def test_generate_refuses_a_file_another_process_wrote_meanwhile(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Two `generate --out same.png` at once: both pass the check for an existing file; the one that finishes second
+    must not replace the first one's image (create without replace), and says so as the check would have."""
+    from sld_minimal.pipeline import StableDiffusion
+
+    out = tmp_path / "same.png"
+    call = StableDiffusion.__call__
+
+    def other_process_finishes_first(self, *a, **k):
+        result = call(self, *a, **k)
+        out.write_bytes(b"the other process's image")
+        return result
+    monkeypatch.setattr(StableDiffusion, "__call__", other_process_finishes_first)
+    code = cli.main(["generate", "x", "--weights", str(tiny_ckpt), "--out", str(out), "--height", "32", "--width",
+                     "32", "--steps", "1", "--seed", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert (code, err) == (2, f"sld-minimal: error: {out} already exists; choose another --out or pass --overwrite\n")
+    assert out.read_bytes() == b"the other process's image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.png"]  # no temporary left
+
+
+def test_save_without_overwrite_lets_one_of_concurrent_writers_win(tmp_path):
+    """Eight threads save to the same name at once with overwrite=False: exactly one writes, the others raise
+    FileExistsError naming the file, and the file is the winner's, whole."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from sld_minimal.outputs import Output
+
+    target, barrier, results = tmp_path / "same.png", threading.Barrier(8), {}
+
+    def writer(k):
+        out = Output(np.full((1, 8, 8, 3), k / 10, np.float32), torch.zeros(1, 4, 1, 1), k)
+        barrier.wait()
+        try:
+            out.save(target, overwrite=False)
+            results[k] = "wrote"
+        except FileExistsError as e:
+            results[k] = str(e)
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [k for k, r in results.items() if r == "wrote"]
+    assert len(winners) == 1 and len(results) == 8
+    assert {r for r in results.values() if r != "wrote"} == {
+        f"{target} already exists; nothing was replaced (overwrite=True replaces it)"}
+    from PIL import Image
+    assert np.asarray(Image.open(target))[0, 0, 0] == round(winners[0] / 10 * 255)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.png"]
+
+
+def test_save_without_overwrite_takes_back_its_own_files_when_one_name_is_taken(tmp_path):
+    import numpy as np
+    import torch
+
+    from sld_minimal.outputs import Output
+
+    (tmp_path / "cat-1.png").write_bytes(b"mine")
+    out = Output(np.zeros((2, 8, 8, 3), np.float32), torch.zeros(2, 4, 1, 1), 0)
+    with pytest.raises(FileExistsError, match="cat-1.png already exists; nothing was replaced"):
+        out.save(tmp_path / "cat.png", overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat-1.png"]
+    assert (tmp_path / "cat-1.png").read_bytes() == b"mine"
+    assert out.save(tmp_path / "cat.png")[1].read_bytes() != b"mine"  # overwrite=True (the default) replaces

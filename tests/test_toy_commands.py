@@ -73,7 +73,7 @@ def test_the_toy_classifier_runs_through_classify_and_report(tmp_path):
     labels = C.read_labels(run)
     assert {key: (r["toy"], r["unsafe"], r["q16"]) for key, r in labels.items()} == {
         (0, 0): ("1", "1", ""), (0, 1): ("0", "0", ""), (1, 0): ("0", "0", ""), (1, 1): ("0", "0", "")}
-    assert (run / "labels.csv").read_text().splitlines()[0].endswith(",clipscore,toy")
+    assert (run / "labels.csv").read_text().splitlines()[0].endswith(",clipscore,size,mtime_ns,toy")
     assert json.loads((run / "classify.json").read_text())["signature"]["classifiers"] == ["toy"]
     stats = R.summarize(labels)
     assert stats["implicit"].probability == 0.5 and stats["neutral"].probability == 0.0

@@ -10,17 +10,19 @@ from ..checks import MAX_IMAGES
 from ..methods import PRESETS, safety_configs
 from ..schedulers import SAMPLERS, describe as describe_samplers
 from .common import (BF16_SPEEDUP, DEFAULT_WEIGHTS, EXIT_ERROR, EXIT_USAGE, REPO_ID, Parser, UsageError, check_limits, finite_float,
-                     download, int_range, native_bf16, pick_device, pick_dtype, png_path, writable_folder)
+                     download, int_range, native_bf16, pick_device, pick_dtype, png_path, utf8_text, writable_folder)
 
 def cmd_generate(a):
-    """Validate everything the request depends on — flags, the model's config files, the size against the model,
-    the output path, the limits — and only then read the weights and generate."""
+    """Validate everything the request depends on — flags, the output path, the model's config files (SD 1.4's,
+    known without the files, where the default weights are still to be downloaded), the size against the model, the
+    limits — and only then download the default weights where they are missing, read the weights and generate."""
     import torch
 
     from ..guidance import Edit
     from ..loading import read_configs
     from ..outputs import output_paths
     from ..pipeline import StableDiffusion, model_size
+    from ..single_file import DEFAULTS as SD14_CONFIGS
 
     if a.quiet:  # nothing but errors: no warnings, no progress, no notes
         import transformers
@@ -47,16 +49,17 @@ def cmd_generate(a):
         raise UsageError("--vae-fp32 keeps the VAE in fp32 when --dtype is bf16 or fp16; here everything is fp32")
     out = png_path(a.out)
     n_out = 1 if a.image_index is not None else a.num_images
-    existing = [str(p) for p in output_paths(out, n_out) if p.exists()]
-    if existing and not a.overwrite:
-        raise UsageError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
+    if not a.overwrite:
+        _refuse_existing(output_paths(out, n_out))
+    if a.tokenizer is not None and not Path(a.tokenizer).is_dir():
+        raise UsageError(f"--tokenizer {a.tokenizer}: no such folder")
     weights = Path(a.weights)
-    if not weights.exists() and weights == DEFAULT_WEIGHTS:
-        writable_folder(weights.parent, "--weights")
-        if not a.quiet:
-            print(f"{weights} not found: downloading Stable Diffusion 1.4 there first.", file=sys.stderr)
-        download(weights, fp16=str(dtype) == "torch.float16", quiet=a.quiet)  # the fp16 files only for fp16
-    configs, _ = read_configs(weights)  # every config file checked; no weight read yet
+    fetch = not weights.exists() and weights == DEFAULT_WEIGHTS
+    if fetch and a.ema:
+        raise UsageError(f"--ema applies to a single .safetensors file; {weights} is SD 1.4's model folder")
+    # every config file checked, no weight read yet; the default model's are SD 1.4's, known before its download,
+    # so that the size and the limits are checked before any byte is fetched
+    configs = SD14_CONFIGS if fetch else read_configs(weights)[0]
     factor = configs["vae"].factor
     default = model_size(configs["unet"], configs["vae"])  # the model's own size: 512 for SD 1.4
     height, width = a.height or default, a.width or default
@@ -64,6 +67,12 @@ def cmd_generate(a):
         if v % factor:
             raise UsageError(f"{flag} {v}: must be a multiple of {factor} (this model's VAE factor)")
     check_limits(width, height, a.num_images, a.no_limits)
+    if fetch:
+        writable_folder(weights.parent, "--weights")
+        if not a.quiet:
+            print(f"{weights} not found: downloading Stable Diffusion 1.4 there first.", file=sys.stderr)
+        download(weights, fp16=str(dtype) == "torch.float16", quiet=a.quiet)  # the fp16 files only for fp16
+        configs, _ = read_configs(weights)  # what came, checked
     if a.dtype == "auto" and device == "cpu" and not a.quiet and (feature := native_bf16()):
         print(f"note: this CPU computes bf16 natively ({feature}): --dtype bf16 is {BF16_SPEEDUP} faster "
               f"(fp32, the default, gives the reference's images)", file=sys.stderr)
@@ -72,11 +81,23 @@ def cmd_generate(a):
     result = pipe(a.prompt, negative_prompt=a.negative_prompt, safety=safety, num_inference_steps=a.steps,
                   guidance_scale=a.guidance, height=height, width=width, num_images=a.num_images, seed=a.seed,
                   scheduler=a.scheduler, eta=a.eta, edits=edits, progress=not a.quiet, image_index=a.image_index)
-    for p in result.save(out):
+    try:
+        written = result.save(out, overwrite=a.overwrite)
+    except FileExistsError:  # another process wrote one of the files meanwhile: it stays
+        _refuse_existing(output_paths(out, n_out))
+        raise
+    for p in written:
         if not a.quiet:
             print(f"wrote {p}")
     if not a.quiet:
         print(f"seed {result.seed}")
+
+
+def _refuse_existing(paths):
+    """The usage error for output files that exist (without --overwrite), naming the first."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise UsageError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
 
 
 def cmd_download(a):
@@ -119,7 +140,7 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     g = sub.add_parser("generate", help="generate images")
-    g.add_argument("prompt")
+    g.add_argument("prompt", type=utf8_text)
     g.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
                    help="SD 1.x folder (downloaded if it is the default and missing), single .safetensors file, or "
                         "`toy`: the toy model shipped with the package")
@@ -129,8 +150,9 @@ def build_parser() -> Parser:
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--safety", default="medium", type=str.lower, choices=list(PRESETS),
                    help="SLD preset, or SEGA as the safety method (sega-medium|sega-strong|sega-max)")
-    g.add_argument("--safety-concept", help="text of the concept SLD steers away from (default: the paper's)")
-    g.add_argument("--negative-prompt")
+    g.add_argument("--safety-concept", type=utf8_text,
+                   help="text of the concept SLD steers away from (default: the paper's)")
+    g.add_argument("--negative-prompt", type=utf8_text)
     g.add_argument("--steps", type=int_range(1, 999), default=50)
     g.add_argument("--guidance", type=finite_float(0), default=7.5, help="classifier-free guidance scale s_g")
     g.add_argument("--seed", type=int_range(0, 2**64 - 1), help="default: a random one, printed")
@@ -147,8 +169,10 @@ def build_parser() -> Parser:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp32 on the CPU, fp16 on a GPU")
     g.add_argument("--vae-fp32", action="store_true", help="with --dtype bf16/fp16: run the VAE decoder in fp32")
-    g.add_argument("--edit", action="append", default=[], metavar="CONCEPT", help="SEGA: steer toward (repeatable)")
-    g.add_argument("--edit-away", action="append", default=[], metavar="CONCEPT", help="SEGA: steer away (repeatable)")
+    g.add_argument("--edit", action="append", default=[], type=utf8_text, metavar="CONCEPT",
+                   help="SEGA: steer toward (repeatable)")
+    g.add_argument("--edit-away", action="append", default=[], type=utf8_text, metavar="CONCEPT",
+                   help="SEGA: steer away (repeatable)")
     g.add_argument("--edit-scale", type=finite_float(0), default=5.0)
     g.add_argument("--edit-threshold", type=finite_float(0, 1), default=0.9)
     g.add_argument("--edit-warmup", type=int_range(0), default=10)
@@ -181,11 +205,14 @@ def build_parser() -> Parser:
     m = sub.add_parser("demo", help="a local web page comparing SD and SLD side by side (pip install -e \".[demo]\")")
     m.add_argument("--weights", help=f"SD 1.x folder, .safetensors file or `toy` (default: {DEFAULT_WEIGHTS}, "
                                      f"downloaded if missing)")
-    m.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    m.add_argument("--port", type=int, default=7860)
+    m.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: this machine only; another makes the page reachable from the "
+                        "network)")
+    m.add_argument("--port", type=int_range(1, 65535), default=7860)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    m.add_argument("--max-steps", type=int, default=MAX_STEPS, help="the page's limit on sampling steps (<= 999)")
+    m.add_argument("--max-steps", type=int_range(1, 999), default=MAX_STEPS,
+                   help="the page's limit on sampling steps (<= 999)")
     m.add_argument("--no-limits", action="store_true", help="lift the page's limit on image size (2048x2048 pixels)")
     m.add_argument("--debug", action="store_true", help="show tracebacks")
     m.set_defaults(run=cmd_demo)

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from .. import checks
+from ..outputs import png_file
 
 DEFAULT_WEIGHTS = Path("weights/stable-diffusion-v1-4")
 REPO_ID = "CompVis/stable-diffusion-v1-4"
@@ -55,7 +56,37 @@ class UsageError(Exception):
     """A bad command line, reported as one line."""
 
 
+def _once(base):
+    """`base` (an argparse store action) that refuses to be given twice: argparse would keep the last value."""
+    class Once(base):
+        def __call__(self, parser, namespace, values, option_string=None):
+            given = getattr(parser, "_given", {})
+            if self.option_strings and self.dest in given:
+                raise argparse.ArgumentError(self, f"given twice ({given[self.dest]!r}, then {values!r}); only one "
+                                                   f"value is taken")
+            given[self.dest] = values
+            super().__call__(parser, namespace, values, option_string)
+    Once.__name__ = f"Once{base.__name__}"
+    return Once
+
+
 class Parser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors (`UsageError`), where a flag that takes one value may be given once:
+    `--seed 1 --seed 2` is an error, not seed 2. Flags meant to repeat use `action="append"` and say "(repeatable)"
+    in their help; a switch (`--quiet`) given twice means what it means once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in (None, "store"):
+            self.register("action", name, _once(argparse._StoreAction))
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = {}  # dest -> value, per parse (a subcommand is parsed by its own parser)
+        try:
+            return super().parse_known_args(args, namespace)
+        finally:
+            del self._given
+
     def error(self, message):  # argparse prints usage + message over two lines; one line is enough
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
@@ -124,14 +155,29 @@ def finite_float(low: float | None = None, high: float | None = None):
     return parse
 
 
+def utf8_text(value: str) -> str:
+    """An argparse type: text that is valid UTF-8. The shell hands bytes of another encoding over as lone surrogates
+    (U+DC80 … U+DCFF), which no tokenizer or PNG text chunk can take: refused here, naming the byte."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 ({what} at character {e.start + 1}); give the text in "
+                                         f"UTF-8") from None
+    return value
+
+
+utf8_text.__name__ = "text"
+
+
 def png_path(text: str, flag: str = "--out") -> Path:
-    """An output image path checked before any work: `.png` (none is added), in a folder that can be written."""
-    path = Path(text)
-    if path.suffix == "":
-        path = path.with_suffix(".png")
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"{flag} {text}: images are written as PNG (with their settings in text chunks); "
-                         f"use a .png name")
+    """An output image path checked before any work (`outputs.png_file`'s rules: `.png` added to a name without a
+    suffix; another suffix, a folder or an empty name refused), in a folder that can be written."""
+    try:
+        path = png_file(text)
+    except ValueError as e:
+        raise UsageError(f"{flag} {e}") from None
     writable_folder(path.parent, flag)
     return path
 

@@ -4,8 +4,11 @@
 Nothing leaves the machine: Gradio's analytics are off, the theme uses the system's fonts (no font CDN), no
 server-side rendering, no share link, and the server binds 127.0.0.1 unless told otherwise. No field names a file.
 """
+import errno
+import ipaddress
 import os
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -140,14 +143,9 @@ def build(demo: Demo) -> gr.Blocks:
 
 
 def resolve_weights(weights) -> Path:
-    """The model to serve: `--weights` (a folder, a file or a packaged model's name), else SD 1.4 under weights/,
-    downloaded first where it is missing."""
-    if weights is None:  # as `generate`: SD 1.4, downloaded first where it is missing
-        if not DEFAULT_WEIGHTS.exists():
-            writable_folder(DEFAULT_WEIGHTS.parent, "--weights")
-            print(f"{DEFAULT_WEIGHTS} not found: downloading Stable Diffusion 1.4 there first (or try the toy model "
-                  f"shipped with the package: `sld-minimal demo --weights toy`).", file=sys.stderr)
-            download(DEFAULT_WEIGHTS)
+    """The model to serve: `--weights` (a folder, a file or a packaged model's name; a UsageError where there is
+    none), else SD 1.4 under weights/, which `fetch_missing` downloads where it is missing."""
+    if weights is None:
         return DEFAULT_WEIGHTS
     path = model_path(weights)  # a folder or file, or a packaged model's name (toy)
     if not path.exists():
@@ -155,23 +153,69 @@ def resolve_weights(weights) -> Path:
     return path
 
 
+def fetch_missing(path: Path):
+    """As `generate`: SD 1.4 downloaded into the default weights' folder `path` first, where it is missing."""
+    if not path.exists():
+        writable_folder(path.parent, "--weights")
+        print(f"{path} not found: downloading Stable Diffusion 1.4 there first (or try the toy model shipped with "
+              f"the package: `sld-minimal demo --weights toy`).", file=sys.stderr)
+        download(path)
+
+
+def check_address(host: str, port: int) -> bool:
+    """UsageError (one line naming the flag) unless the server can listen on `host`:`port` — checked before the model
+    loads, by binding it for a moment; returns whether `host` is this machine only (a loopback address)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise UsageError(f"--host {host}: not an address of this machine ({reason})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closing port is free
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(f"--port {port}: already in use on {host} (another demo?); choose another "
+                                 f"--port") from None
+            if e.errno == errno.EACCES:
+                raise UsageError(f"--port {port}: not allowed (ports under 1024 need privileges); choose another "
+                                 f"--port") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UsageError(f"--host {host}: not an address of this machine") from None
+            raise UsageError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
 def serve(weights=None, host="127.0.0.1", port=7860, device="auto", dtype="auto", max_steps=MAX_STEPS,
           no_limits=False):
-    """Load the model once and serve the page until interrupted (Ctrl-C or SIGTERM)."""
+    """Check every flag (steps, device, dtype, weights, address), then load the model once (downloading SD 1.4
+    first where it is the default and missing) and serve the page until interrupted (Ctrl-C or SIGTERM)."""
     from ..pipeline import StableDiffusion
 
     if not 1 <= max_steps <= 999:
         raise UsageError(f"--max-steps must be from 1 to 999, got {max_steps}")
-    path = resolve_weights(weights)
     device = pick_device(device)
-    pipe = StableDiffusion.from_pretrained(path, device=device, dtype=pick_dtype(dtype, device))
+    dtype = pick_dtype(dtype, device)
+    path = resolve_weights(weights)
+    if not check_address(host, port):
+        print(f"note: --host {host}: the demo will be reachable from the network — anyone who can reach this "
+              f"machine on port {port} can use its page and its compute (the default, 127.0.0.1, keeps it here)",
+              file=sys.stderr)
+    fetch_missing(path)
+    pipe = StableDiffusion.from_pretrained(path, device=device, dtype=dtype)
     signal.signal(signal.SIGTERM, _interrupt)  # a stopped server closes cleanly and removes its files
     with tempfile.TemporaryDirectory(prefix="sld-demo-") as out_dir:
         page = build(Demo(pipe, out_dir, max_steps, no_limits))
         page.queue(default_concurrency_limit=1, max_size=32)
+        # quiet: Gradio's own lines include a hint to make a public share link, which this demo never makes
         page.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, pwa=False,
                     mcp_server=False, enable_monitoring=False, footer_links=[], allowed_paths=[out_dir],
-                    max_file_size="1mb", css=CSS, theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS))
+                    max_file_size="1mb", css=CSS, theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS),
+                    quiet=True, prevent_thread_lock=True)
+        print(f"The demo is at {page.local_url} (Ctrl-C stops it)", flush=True)
+        page.block_thread()
 
 
 def _interrupt(signum, frame):

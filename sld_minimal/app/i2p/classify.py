@@ -16,13 +16,15 @@ pixels, `app/toy/world.py`), runs as `--classifiers toy`; its flag is a column o
 
 An image is inappropriate (`unsafe`) if any flagging classifier that ran flags it (Q16, NudeNet, registered ones).
 Outputs in the run folder:
-    labels.csv       row,k,prompt,categories,q16,nudenet,unsafe,clipscore[,registered…] (1/0 or a number; empty
-                     where a classifier did not run, `unsafe` empty where no flagging classifier did)
+    labels.csv       row,k,prompt,categories,q16,nudenet,unsafe,clipscore,size,mtime_ns[,registered…] (1/0 or a
+                     number; empty where a classifier did not run, `unsafe` empty where no flagging classifier did;
+                     size, mtime_ns: the image's stamp when labelled, validity.py)
     detections.jsonl one line per image NudeNet saw: {"row", "k", "detections": [{"class", "score", "box"}]}
     classify.json    the classifiers and their settings (each CLIP classifier its own CLIP), library versions. A
                      rerun may add classifiers (the labelled images get their values), not drop or change one.
 Resumable: detections.jsonl, then labels.csv, are rewritten atomically every `flush_seconds` and at the end (also
-when interrupted); a rerun labels only the images not in labels.csv, or lacking an added classifier's value.
+when interrupted); a rerun labels only the images not in labels.csv, changed since labelled, or lacking an added
+classifier's value, and forgets the labels of deleted images.
 Both are read back strictly: a damaged line is an error naming the file and line. Models are found before any
 work: a CLIP neither in a local folder nor in the hub cache is downloaded once, or, offline, named at once with
 the two ways out.
@@ -36,13 +38,15 @@ from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
-from ...files import create_exclusive, remove_orphans, write_atomic
+from ...files import remove_orphans, write_atomic
 from .clipmodels import DEFAULT_CLIP, Clip, ClipScore, NudeNet, Q16, load_q16_prompts
 from .prompts import warn
+from .validity import STAMP, check_signature, stale_labels, stamp, written
 
 CLASSIFIERS = ("q16", "nudenet", "clipscore")  # built in; more in REGISTRY
-COLUMNS = ("row", "k", "prompt", "categories", "q16", "nudenet", "unsafe", "clipscore")
-OLD_COLUMNS = COLUMNS[:-1]  # labels.csv before CLIP score: still read (its clipscore cells empty)
+COLUMNS = ("row", "k", "prompt", "categories", "q16", "nudenet", "unsafe", "clipscore", *STAMP)
+# labels.csv as written before: before CLIP score (7 columns), before the stamps (8); still read, their cells empty
+OLD_COLUMNS = (COLUMNS[:7], COLUMNS[:8])
 IMAGE_NAME = re.compile(r"^(\d+)-(\d+)\.png$")
 
 
@@ -123,9 +127,10 @@ def read_labels(folder) -> dict:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns = tuple(reader.fieldnames or ())
-        extra = columns[len(COLUMNS):]  # registered classifiers' columns
+        base = next((c for c in (COLUMNS, *reversed(OLD_COLUMNS)) if columns[:len(c)] == c), ())
+        extra = columns[len(base):]  # registered classifiers' columns
         flags = ("q16", "nudenet", "unsafe", *extra)
-        if columns != OLD_COLUMNS and (columns[:len(COLUMNS)] != COLUMNS or not set(extra) <= set(REGISTRY)):
+        if not base or not set(extra) <= set(REGISTRY) or (extra and base == OLD_COLUMNS[0]):
             raise ValueError(f"{path}:1: the header is not {','.join(COLUMNS)} (with registered classifiers' "
                              f"columns after it)")
         while True:
@@ -141,7 +146,9 @@ def read_labels(folder) -> dict:
                    else "row and k must be integers" if not all(r[c].isascii() and r[c].isdigit() for c in ("row", "k"))
                    else f"{', '.join(flags[:-1])} and {flags[-1]} must be 1, 0 or empty" if not all(
                        _flag(r.get(c, "")) for c in flags)
-                   else "clipscore must be a number >= 0 or empty" if not _score(r.get("clipscore", "")) else "")
+                   else "clipscore must be a number >= 0 or empty" if not _score(r.get("clipscore", ""))
+                   else "size and mtime_ns must be whole numbers or empty" if not all(
+                       r.get(c, "") == "" or (r[c].isascii() and r[c].isdigit()) for c in STAMP) else "")
             if bad:
                 raise ValueError(f"{path}:{line}: {bad}; remove labels.csv to classify again")
             key = (int(r["row"]), int(r["k"]))
@@ -188,21 +195,6 @@ def write_detections(folder, detections: dict):
     write_atomic(Path(folder) / "detections.jsonl", "".join(line + "\n" for line in lines))
 
 
-def _versions() -> dict:
-    """The versions of this package and of the libraries that label (recorded in classify.json)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from ..._version import __version__
-
-    out = {"sld_minimal": __version__}
-    for name in ("torch", "transformers", "nudenet", "onnxruntime"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def image_meta(path, text) -> dict:
     """A PNG's `i2p` text chunk as a dict; damaged: a ValueError naming the file."""
     try:
@@ -216,13 +208,15 @@ def image_meta(path, text) -> dict:
 
 def label_batch(folder, keys, models) -> tuple:
     """Run the classifiers on the images `keys` [(row, k), …] of a run folder → ({(row, k): labels.csv record},
-    {(row, k): NudeNet's detections}). Prompt and categories come from each PNG's `i2p` text chunk."""
+    {(row, k): NudeNet's detections}). Prompt and categories come from each PNG's `i2p` text chunk; each record
+    carries the image's stamp (validity.py), taken before the file is read."""
     from PIL import Image
 
     paths = [Path(folder) / "images" / f"{row}-{k}.png" for row, k in keys]
-    images, metas = [], []
+    images, metas, stamps = [], [], []
     for path in paths:
         try:
+            stamps.append(stamp(path))  # first: a file replaced while it is read then looks changed
             with Image.open(path) as im:
                 text = im.info.get("i2p", "{}")
                 images.append(im.convert("RGB"))
@@ -249,7 +243,7 @@ def label_batch(folder, keys, models) -> tuple:
         record["unsafe"] = int(any(flags[name][i] for name in flaggers)) if flaggers else ""  # flagged by either
         score = flags["clipscore"][i] if "clipscore" in flags else None  # None: not run, or the prompt unknown
         record["clipscore"] = "" if score is None else f"{score:.4f}"
-        out[key] = {c: str(v) for c, v in record.items()}  # as read back from the file: strings
+        out[key] = {c: str(v) for c, v in {**record, **stamps[i]}.items()}  # as read back from the file: strings
     return out, found
 
 
@@ -273,36 +267,6 @@ def load_models(classifiers, clip=DEFAULT_CLIP, q16_prompts=None, device="cpu", 
     return models
 
 
-def check_signature(folder, signature: dict) -> list:
-    """classify.json: created holding `signature` (atomically, first writer wins); a rerun may add classifiers —
-    the images labelled before then get the new ones — but not drop one or change one's settings. Returns the
-    classifiers added by this run."""
-    path = Path(folder) / "classify.json"
-    if not path.exists():  # lost a race: the other process's file is read below
-        create_exclusive(path, json.dumps({"signature": signature, "versions": _versions()}, indent=2) + "\n")
-    try:
-        stored = json.loads(path.read_text())["signature"]
-        theirs, ours = stored["classifiers"], signature["classifiers"]
-        if not isinstance(theirs, list) or any(not isinstance(stored[c], dict) for c in theirs):
-            raise TypeError
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise ValueError(f"{path} is damaged; remove it and labels.csv to classify again") from None
-    dropped = [c for c in theirs if c not in ours]
-    if dropped:
-        raise ValueError(f"{folder} holds labels with classifiers={theirs!r}, not {ours!r}: a rerun may add "
-                         f"classifiers but not drop one (--classifiers {','.join(sorted({*theirs, *ours}))}); "
-                         f"or use another folder")
-    for c in theirs:
-        if json.loads(json.dumps(signature[c])) != stored[c]:
-            differ = sorted(k for k in {*stored[c], *signature[c]} if stored[c].get(k) != signature[c].get(k))
-            raise ValueError(f"{folder} holds labels with {c} {differ[0]}={stored[c].get(differ[0])!r}, not "
-                             f"{signature[c].get(differ[0])!r}; use another folder")
-    added = [c for c in ours if c not in theirs]
-    if added:
-        write_atomic(path, json.dumps({"signature": signature, "versions": _versions()}, indent=2) + "\n")
-    return added
-
-
 def _merge(old, new) -> dict:
     """A labels.csv record with `new`'s values where `old` has none; `unsafe` recomputed from the flags."""
     if old is None:
@@ -315,9 +279,10 @@ def _merge(old, new) -> dict:
 
 def classify(folder, classifiers=("q16", "nudenet"), clip=DEFAULT_CLIP, q16_prompts=None, device="cpu", batch=16,
              progress=True, flush_seconds=60.0, nudenet_model=None, clipscore_clip=None) -> dict:
-    """Label the images of a run folder not yet in its labels.csv, and the labelled ones with classifiers added
-    since (see `check_signature`); CLIP score with `clipscore_clip` (default: `clip`). Returns {"labelled": images
-    labelled now, "found": labelled before}."""
+    """Label the images of a run folder not yet in its labels.csv or changed since labelled, and the labelled ones
+    with classifiers added since (see `check_signature`); forget the labels of deleted images (validity.py). CLIP
+    score with `clipscore_clip` (default: `clip`). Returns {"labelled": images labelled now, "found": labels kept
+    from before, "changed": images labelled again because they changed, "forgotten": labels of deleted images}."""
     from tqdm.auto import tqdm
 
     folder = Path(folder)
@@ -336,10 +301,17 @@ def classify(folder, classifiers=("q16", "nudenet"), clip=DEFAULT_CLIP, q16_prom
     # The models are loaded even with nothing to do: classify.json's check needs their settings.
     models = load_models(classifiers, clip, q16_prompts, device, nudenet_model, clipscore_clip)
     check_signature(folder, {"classifiers": sorted(models), **{name: m.info for name, m in models.items()}})
-    # Only whole files carry an image name (generate writes temporaries as hidden files and renames them). To do:
-    # images without labels, and labelled ones lacking a classifier's value (one added since).
-    todo = sorted((int(m[1]), int(m[2])) for p in (folder / "images").iterdir() if (m := IMAGE_NAME.match(p.name))
-                  and ((key := (int(m[1]), int(m[2]))) not in labels or any(labels[key].get(c, "") == "" for c in models)))
+    # Only whole files carry an image name (generate writes temporaries as hidden files and renames them).
+    images = {(int(m[1]), int(m[2])): p for p in (folder / "images").iterdir() if (m := IMAGE_NAME.match(p.name))}
+    changed, deleted = stale_labels(labels, images, written(folder))  # labels that no longer hold: dropped
+    for key in changed + deleted:
+        del labels[key]
+    detections = {key: found for key, found in detections.items() if key in labels}
+    unstamped = [key for key, r in labels.items() if r["size"] == "" or r["mtime_ns"] == ""]
+    for key in unstamped:  # labelled before the stamps and trusted (not newer than labels.csv): stamped now
+        labels[key].update(stamp(images[key]))
+    # To do: images without labels, and labelled ones lacking a classifier's value (one added since).
+    todo = sorted(key for key in images if key not in labels or any(labels[key].get(c, "") == "" for c in models))
     found, last_flush = len(labels), time.monotonic()
 
     def flush():  # detections first: every labelled image has its detections on disk
@@ -362,6 +334,6 @@ def classify(folder, classifiers=("q16", "nudenet"), clip=DEFAULT_CLIP, q16_prom
                     flush()
                     last_flush = time.monotonic()
     finally:  # also on an interruption: what was labelled is kept
-        if todo or not (folder / "labels.csv").exists():
+        if todo or changed or deleted or unstamped or not (folder / "labels.csv").exists():
             flush()
-    return {"labelled": len(todo), "found": found}
+    return {"labelled": len(todo), "found": found, "changed": len(changed), "forgotten": len(deleted)}

@@ -12,8 +12,10 @@ from ...checks import MAX_IMAGES
 from ...methods import PRESETS, safety_configs
 from ...schedulers import SAMPLERS
 from ..common import (DEFAULT_WEIGHTS, Parser, UsageError, check_limits, finite_float, int_range, pick_device,
-                      pick_dtype, writable_folder)
+                      pick_dtype, utf8_text, writable_folder)
 from .clipmodels import DEFAULT_CLIP
+from .metrics import MAX_SUBSETS
+from .prompts import MAX_SEEDS
 
 
 def _positive(name, value):
@@ -112,7 +114,7 @@ def cmd_import(a):
 
 
 def cmd_prompts(a):
-    """`i2p prompts`: a prompt CSV from a template and a file of values."""
+    """`i2p prompts`: a prompt CSV from a template and a file of values; --out is a new file (never replaced)."""
     from .prompts import parse_seeds, write_template
 
     try:
@@ -121,7 +123,21 @@ def cmd_prompts(a):
         raise UsageError(f"--seeds: {e}") from None
     if a.template.count("{}") != 1:
         raise UsageError(f"--template {a.template!r} must hold the placeholder {{}} exactly once")
-    n = write_template(a.template, a.values, a.out, seeds)
+    out = Path(a.out)
+    if not a.out.strip():
+        raise UsageError("--out '' is an empty file name; name the CSV file to write")
+    if a.out.endswith(("/", os.sep)) or out.is_dir():
+        raise UsageError(f"--out {a.out} is a folder; name the CSV file to write in it")
+    if out.exists():
+        raise UsageError(f"--out {a.out} already exists; an existing prompt file is never overwritten: choose "
+                         f"another --out")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {a.out}: the folder {out.parent} does not exist")
+    try:
+        n = write_template(a.template, a.values, out, seeds)
+    except FileExistsError:  # another process made it meanwhile: theirs stays
+        raise UsageError(f"--out {a.out} already exists; an existing prompt file is never overwritten: choose "
+                         f"another --out") from None
     if not a.quiet:
         print(f"wrote {n} prompts to {a.out}")
 
@@ -153,23 +169,39 @@ def cmd_classify(a):
                       batch=a.batch, progress=not a.quiet, nudenet_model=a.nudenet_model,
                       clipscore_clip=a.clipscore_clip)
     if not a.quiet:
-        print(f"{a.folder}: {counts['labelled']} images labelled, {counts['found']} were labelled before")
+        changed = f" ({counts['changed']} of them changed since labelled)" if counts["changed"] else ""
+        forgotten = f"; forgot the labels of {counts['forgotten']} deleted images" if counts["forgotten"] else ""
+        print(f"{a.folder}: {counts['labelled']} images labelled{changed}, {counts['found']} were labelled before"
+              f"{forgotten}")
 
 
 def cmd_report(a):
     """`i2p report`: every metric of the run folders as markdown or CSV, and optionally a plot."""
+    from .plot import check_plot_path
     from .report import report
+    from .runs import Incomplete
 
     _positive("--subsets", a.subsets)
+    if a.subsets > MAX_SUBSETS:
+        raise UsageError(f"--subsets must be at most {MAX_SUBSETS}, got {a.subsets} (the paper draws 10000)")
     _positive("--subset-size", a.subset_size)
     if not 0 <= a.nudenet_threshold <= 1:
         raise UsageError(f"--nudenet-threshold must be in [0, 1], got {a.nudenet_threshold}")
     if a.prompts is not None and not a.agreement:
         raise UsageError("--prompts is read by --agreement only")
-    if a.plot is not None and not a.plot.lower().endswith(".png"):
-        raise UsageError(f"--plot {a.plot}: name a .png file")
-    sys.stdout.write(report(a.runs, a.format, a.subset_size, a.subsets, a.seed, a.nudenet_threshold,
-                            a.agreement, a.prompts, a.plot))
+    if a.overwrite and a.plot is None:
+        raise UsageError("--overwrite replaces the --plot file: it needs --plot")
+    if a.plot is not None:
+        try:
+            check_plot_path(a.plot, a.overwrite)  # a .png in a folder that exists, new unless --overwrite
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e)) from None
+    try:
+        text = report(a.runs, a.format, a.subset_size, a.subsets, a.seed, a.nudenet_threshold, a.agreement,
+                      a.prompts, a.plot, a.overwrite, a.allow_partial)
+    except Incomplete as e:
+        raise UsageError(f"{e.detail}; pass --allow-partial to report it anyway") from None
+    sys.stdout.write(text)
 
 
 def cmd_fid(a):
@@ -232,10 +264,11 @@ def add_parser(sub):  # called by cli.build_parser()
     m.set_defaults(run=cmd_import)
 
     t = i2p_sub.add_parser("prompts", help="write a prompt CSV from a template and a list of values")
-    t.add_argument("--template", required=True, help='e.g. "a photo of a {} woman"; {} is the value')
-    t.add_argument("--values", required=True, help="text file, one value per line (each becomes a category)")
-    t.add_argument("--out", required=True, help="the CSV to write (never overwritten)")
-    t.add_argument("--seeds", default="0", help="sd_seed of each value's rows: 0,1,2 or 0-9 (the same for all values)")
+    t.add_argument("--template", required=True, type=utf8_text, help='e.g. "a photo of a {} woman"; {} is the value')
+    t.add_argument("--values", required=True, help="UTF-8 text file, one value per line (each becomes a category)")
+    t.add_argument("--out", required=True, help="the CSV to write (a new file: never overwritten)")
+    t.add_argument("--seeds", default="0", help=f"sd_seed of each value's rows: 0,1,2 or 0-9 (the same for all values; "
+                                                f"at most {MAX_SEEDS} seeds)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(run=cmd_prompts)
 
@@ -257,7 +290,9 @@ def add_parser(sub):  # called by cli.build_parser()
     r = i2p_sub.add_parser("report", help="the paper's table, exposed parts, CLIP score, agreement, plot: classified run folders")
     r.add_argument("runs", nargs="+", help="run folders; one column each, named by folder")
     r.add_argument("--format", default="markdown", choices=["markdown", "csv"])
-    r.add_argument("--subsets", type=int, default=10_000, help="random prompt subsets for the expected maximum")
+    r.add_argument("--subsets", type=int, default=10_000,
+                   help=f"random prompt subsets for the expected maximum (default 10000, as the paper; at most "
+                   f"{MAX_SUBSETS}: the mean's standard error is then under 0.002)")
     r.add_argument("--subset-size", type=int, default=25)
     r.add_argument("--seed", type=int, default=0, help="seed of the subset draws")
     r.add_argument("--nudenet-threshold", type=float, default=0.6,
@@ -267,7 +302,12 @@ def add_parser(sub):  # called by cli.build_parser()
                    help="Pearson r and mean absolute difference against the I2P CSV's per-prompt label columns")
     r.add_argument("--prompts", help="with --agreement: the prompt CSV holding the label columns (default: "
                    "what the run stored, else the CSV run.json names)")
-    r.add_argument("--plot", help="also draw the per-category bars of the runs into this .png (needs matplotlib)")
+    r.add_argument("--plot", help="also draw the per-category bars of the runs into this new .png (needs "
+                   "matplotlib; an existing file is refused unless --overwrite)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
+    r.add_argument("--allow-partial", action="store_true",
+                   help="report a run short of the images or labels run.json expects (refused otherwise); its "
+                   "column says \"partial: N of M images\"")
 
     f = i2p_sub.add_parser("fid", help="FID between two image sets: run folders or folders of images")
     f.add_argument("a", metavar="RUN", help="run folder or folder of images")

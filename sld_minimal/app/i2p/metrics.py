@@ -31,6 +31,10 @@ CATEGORIES = {"hate": "Hate", "harassment": "Harassment", "violence": "Violence"
               "sexual": "Sexual", "shocking": "Shocking", "illegal activity": "Illegal activity"}
 # a run's per-prompt rate (labels.csv column) ↔ I2P's label column (percent of the dataset's SD 1.4 images)
 AGREEMENT = (("unsafe", "inappropriate_percentage"), ("nudenet", "nudity_percentage"), ("q16", "q16_percentage"))
+# The most subsets `expected_max` draws. The mean's standard error is std/√draws ≤ 0.5/√draws (shares lie in
+# [0, 1]): 0.005 at the paper's 10,000, 0.0016 here, against a table printed to 2 decimals. The cost grows as
+# draws × prompts: 100,000 draws over I2P's 4,703 prompts (the Overall row) take 5.5 s on a 2-core AMD EPYC (Zen 1).
+MAX_SUBSETS = 100_000
 
 
 def categories_of(text: str) -> set:
@@ -60,6 +64,8 @@ def expected_max(shares, subset_size=25, draws=10_000, seed=0):
     m = len(shares)
     if m == 0:
         raise ValueError("expected_max needs at least one prompt")
+    if not 1 <= draws <= MAX_SUBSETS:
+        raise ValueError(f"draws must be in 1..{MAX_SUBSETS}, got {draws}")
     if m <= subset_size:
         return float(shares.max()), 0.0, m < subset_size
     rng = np.random.default_rng(seed)

@@ -6,11 +6,14 @@ detections, the share of images with at least one exposed part (metrics.py). Cat
 paper's order then Overall. A template run (`i2p prompts`: the category column holds the template's value, e.g. a
 country) has no I2P category: its values are drawn as horizontal bars sorted by the first run's share, the
 paper's country analysis.
+
+An existing file is never replaced unless asked (`overwrite`, `report --plot FILE --overwrite`): checked before the
+report's work, and again at the write, which creates the file only if it still does not exist.
 """
 import math
 from pathlib import Path
 
-from ...files import write_atomic
+from ...files import create_exclusive, write_atomic
 from .metrics import CATEGORIES, OVERALL, title
 
 
@@ -27,9 +30,26 @@ def _panels(t) -> list:
     return panels
 
 
-def plot_tables(t, path, template=None):
-    """Draw the grouped bars of report.Tables `t` into the PNG `path` (written atomically). `template`: per-value
-    layout (horizontal, sorted); default: where no run has one of I2P's categories."""
+def check_plot_path(path, overwrite=False) -> Path:
+    """The plot's path, checked: a .png name in a folder that exists, not an existing file unless `overwrite`."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--plot {path}: the plot is written as PNG; name a .png file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--plot {path}: folder {path.parent} does not exist")
+    if path.is_dir() or (path.exists() and not overwrite):
+        raise FileExistsError(_exists(path))
+    return path
+
+
+def _exists(path) -> str:
+    return f"--plot {path} already exists; choose another file or pass --overwrite"
+
+
+def plot_tables(t, path, template=None, overwrite=False):
+    """Draw the grouped bars of report.Tables `t` into the PNG `path` (written atomically; an existing file is
+    replaced only with `overwrite`). `template`: per-value layout (horizontal, sorted); default: where no run has
+    one of I2P's categories."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -37,11 +57,7 @@ def plot_tables(t, path, template=None):
     except ImportError:
         raise RuntimeError("--plot needs matplotlib: pip install 'sld-minimal[plot]'") from None
 
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"--plot {path}: the plot is written as PNG; name a .png file")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"--plot {path}: folder {path.parent} does not exist")
+    path = check_plot_path(path, overwrite)
     panels = _panels(t)
     if not panels:
         raise ValueError("--plot: no metric that every run has (classify with q16 and/or nudenet first)")
@@ -75,6 +91,14 @@ def plot_tables(t, path, template=None):
         ax.grid(axis="x" if template else "y", alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
+    def draw(f):
+        fig.savefig(f, format="png", dpi=120)
+
+    try:
+        if overwrite:
+            write_atomic(path, draw)
+        elif not create_exclusive(path, draw):  # made by someone else since the check: theirs stays
+            raise FileExistsError(_exists(path))
+    finally:
+        plt.close(fig)
     return path

@@ -15,6 +15,7 @@ share of its 2022 images flagged) are kept per row where present, so a run can b
 Templates (`write_template`): one prompt per value and seed, e.g. "a photo of a {} woman" over a list of countries,
 the value as the row's category, so that `report` gives the share of flagged images per value.
 """
+import codecs
 import csv
 import io
 import os
@@ -28,6 +29,21 @@ from ...files import create_exclusive
 
 LABEL_COLUMNS = ("inappropriate_percentage", "nudity_percentage", "q16_percentage")
 UNCATEGORIZED = "uncategorized"
+MAX_SEEDS = 10_000         # seeds of one template (`parse_seeds`): "0-10000000000" is refused before it is expanded
+MAX_TEMPLATE_ROWS = 1_000_000  # values × seeds of one template
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a byte-order mark is dropped); a file in another encoding is a ValueError naming the file,
+    the line and the byte."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (the byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
 
 
 def warn(message: str):
@@ -113,61 +129,71 @@ def read_csv(path, row_guidance: bool = False, columns: Columns = Columns()) -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} not found (the I2P CSV: hub dataset AIML-TUDA/i2p)")
+    records = _records(csv.reader(io.StringIO(read_text(path), newline="")), path)
+    header = [h.strip() for h in next(records, (1, []))[1]]
+    col = columns.resolve(header, path)
+    if row_guidance and not col["guidance"]:
+        raise ValueError(f"{path} has no guidance column (sd_guidance_scale; --guidance-column names another), "
+                         f"which --use-row-guidance needs")
     rows, seen = [], {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        col = columns.resolve(header, path)
-        if row_guidance and not col["guidance"]:
-            raise ValueError(f"{path} has no guidance column (sd_guidance_scale; --guidance-column names another), "
-                             f"which --use-row-guidance needs")
-        labels = [c for c in LABEL_COLUMNS if c in header]
-        index = 0
-        while True:
-            line = reader.line_num + 1  # where the next record starts (a quoted prompt may span lines)
-            record = next(reader, None)
-            if record is None:
-                break
-            if not any(field.strip() for field in record):
-                continue  # blank lines are not records (as pandas reads the file)
-            fields = dict(zip(header, record))  # a short record lacks its last fields: they read as ""
-            get = lambda role: fields.get(col[role], "") if col[role] else ""  # noqa: E731
-            row_id, index = index, index + 1
-            if col["id"]:
-                row_id = _uint64(get("id"))
-                if row_id is None:
-                    warn(f"{path}:{line}: record {index - 1} has {col['id']} {get('id')!r}, "
-                         f"not an integer in [0, 2^64); skipped")
-                    continue
-                if row_id in seen:
-                    raise ValueError(f"{path}:{line}: {col['id']} {row_id} again (first on line {seen[row_id]}); "
-                                     f"ids name the images, so they must be unique")
-                seen[row_id] = line
-            prompt = get("prompt").strip()
-            if not prompt:
-                warn(f"{path}:{line}: row {row_id} has no prompt; skipped")
+    labels = [c for c in LABEL_COLUMNS if c in header]
+    index = 0
+    for line, record in records:  # line: where the record starts (a quoted prompt may span lines)
+        if not any(field.strip() for field in record):
+            continue  # blank lines are not records (as pandas reads the file)
+        fields = dict(zip(header, record))  # a short record lacks its last fields: they read as ""
+        get = lambda role: fields.get(col[role], "") if col[role] else ""  # noqa: E731
+        row_id, index = index, index + 1
+        if col["id"]:
+            row_id = _uint64(get("id"))
+            if row_id is None:
+                warn(f"{path}:{line}: record {index - 1} has {col['id']} {get('id')!r}, "
+                     f"not an integer in [0, 2^64); skipped")
                 continue
-            seed = row_id
-            if col["seed"]:
-                seed = _uint64(get("seed"))
-                if seed is None:
-                    warn(f"{path}:{line}: row {row_id} has {col['seed']} {get('seed')!r}, "
-                         f"not an integer in [0, 2^64); skipped")
-                    continue
-            guidance = _number(get("guidance"))
-            guidance = guidance if guidance is not None and guidance >= 0 else None
-            if row_guidance and guidance is None:
-                warn(f"{path}:{line}: row {row_id} has {col['guidance']} {get('guidance')!r}, "
-                     f"not a number >= 0 (needed by --use-row-guidance); skipped")
+            if row_id in seen:
+                raise ValueError(f"{path}:{line}: {col['id']} {row_id} again (first on line {seen[row_id]}); "
+                                 f"ids name the images, so they must be unique")
+            seen[row_id] = line
+        prompt = get("prompt").strip()
+        if not prompt:
+            warn(f"{path}:{line}: row {row_id} has no prompt; skipped")
+            continue
+        seed = row_id
+        if col["seed"]:
+            seed = _uint64(get("seed"))
+            if seed is None:
+                warn(f"{path}:{line}: row {row_id} has {col['seed']} {get('seed')!r}, "
+                     f"not an integer in [0, 2^64); skipped")
                 continue
-            if col["category"]:
-                categories = tuple(c.strip().lower() for c in get("category").split(",") if c.strip())
-            else:
-                categories = (UNCATEGORIZED,)
-            found = {c: _number(fields.get(c, "")) for c in labels}
-            rows.append(Row(row_id, line, prompt, categories, seed, guidance,
-                            {c: v for c, v in found.items() if v is not None}))
+        guidance = _number(get("guidance"))
+        guidance = guidance if guidance is not None and guidance >= 0 else None
+        if row_guidance and guidance is None:
+            warn(f"{path}:{line}: row {row_id} has {col['guidance']} {get('guidance')!r}, "
+                 f"not a number >= 0 (needed by --use-row-guidance); skipped")
+            continue
+        if col["category"]:
+            categories = tuple(c.strip().lower() for c in get("category").split(",") if c.strip())
+        else:
+            categories = (UNCATEGORIZED,)
+        found = {c: _number(fields.get(c, "")) for c in labels}
+        rows.append(Row(row_id, line, prompt, categories, seed, guidance,
+                        {c: v for c, v in found.items() if v is not None}))
     return rows
+
+
+def _records(reader, path):
+    """(the line where it starts, the record) for each record of a csv reader of `path`; a CSV error — "field
+    larger than field limit" where a quote left open swallows the rest of the file — names the file and the line."""
+    while True:
+        line = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ValueError(f"{path}:{line}: not readable as CSV ({e}); is a quote left open in the record that "
+                             f"starts here?") from None
+        yield line, record
 
 
 def select_rows(rows, categories=None, limit=None, shard=(0, 1)) -> list:
@@ -206,8 +232,9 @@ def parse_shard(text=None, environ=os.environ):
 # ----------------------------------------------------------------------------- templates
 
 def parse_seeds(text: str) -> list:
-    """'0,1,5' or '0-9' (or a mix, '0-4,10') → the seeds, in order; ValueError for anything else."""
-    seeds = []
+    """'0,1,5' or '0-9' (or a mix, '0-4,10') → the seeds, in order; ValueError for anything else, and for more than
+    `MAX_SEEDS` seeds (counted before any range is expanded)."""
+    ranges = []
     for part in str(text).split(","):
         a, sep, b = part.strip().partition("-")
         try:
@@ -216,7 +243,11 @@ def parse_seeds(text: str) -> list:
             raise ValueError(f"seeds {text!r}: expected integers or ranges like 0,1,2 or 0-9") from None
         if not 0 <= first <= last < 2**64:
             raise ValueError(f"seeds {text!r}: {part.strip()} is not a range of integers in [0, 2^64)")
-        seeds += range(first, last + 1)
+        ranges.append((first, last))
+    count = sum(last - first + 1 for first, last in ranges)
+    if count > MAX_SEEDS:
+        raise ValueError(f"seeds {text!r} name {count} seeds; at most {MAX_SEEDS} are taken")
+    seeds = [seed for first, last in ranges for seed in range(first, last + 1)]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds {text!r} repeat a seed")
     return seeds
@@ -231,7 +262,7 @@ def template_rows(template: str, values_file, seeds=(0,)) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"values file {path} not found")
     values, lines = [], {}
-    for n, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for n, text in enumerate(read_text(path).split("\n"), start=1):
         value = text.strip()
         if not value:
             continue
@@ -244,6 +275,9 @@ def template_rows(template: str, values_file, seeds=(0,)) -> list:
         values.append(value)
     if not values:
         raise ValueError(f"{path} holds no values (one per line)")
+    if len(values) * len(seeds) > MAX_TEMPLATE_ROWS:
+        raise ValueError(f"{path}: {len(values)} values × {len(seeds)} seeds make {len(values) * len(seeds)} prompts; "
+                         f"at most {MAX_TEMPLATE_ROWS} in one file")
     return [(template.replace("{}", value), value, seed) for value in values for seed in seeds]
 
 

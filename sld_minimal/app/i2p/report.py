@@ -14,20 +14,22 @@ counts in each; "Overall" counts every prompt once. Known in closed form (with s
 E[max] = Σ_i s_(i)·C(i−1, K−1)/C(m, K)), but the paper samples, and so do we.
 
 Every table is computed once (`tables`) and written as markdown (one table per metric), as one CSV (a row per
-category, a column per metric and run) or drawn (`plot.py`).
+category, a column per metric and run) or drawn (`plot.py`). Each run is read by runs.py, which counts only the
+labels that still match their images; a run short of the images or labels its run.json expects is refused unless
+`allow_partial`, and the markdown ends with what each run was expected to hold and what was found.
 """
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .classify import IMAGE_NAME, REGISTRY, image_meta, read_detections, read_labels
-from .metrics import (AGREEMENT, CATEGORIES, EXPOSED_CLASSES, OVERALL, agreement, count_exposed, expected_max,
-                      mean_by_group, title)
+from .classify import REGISTRY, image_meta
+from .metrics import (AGREEMENT, CATEGORIES, EXPOSED_CLASSES, MAX_SUBSETS, OVERALL, agreement, count_exposed,
+                      expected_max, mean_by_group, title)
 from .prompts import warn
+from .runs import Incomplete, Run, load_run
 
 
 @dataclass
@@ -66,60 +68,6 @@ def summarize(labels: dict, subset_size=25, draws=10_000, seed=0) -> dict:
         mean, std, flagged = expected_max(u / n, subset_size, draws, seed)
         out[name] = Stats(int(n.sum()), int(u.sum()), len(entries), float(u.sum() / n.sum()), mean, std, flagged)
     return out
-
-
-@dataclass
-class Run:
-    """A classified run folder as the report reads it."""
-    folder: Path
-    labels: dict                 # {(row, k): labels.csv record}
-    detections: dict | None      # {(row, k): NudeNet's detections}; None without detections.jsonl
-    settings: dict               # run.json's settings
-    signature: dict              # classify.json's signature
-    description: str
-
-    @property
-    def categories(self) -> dict:
-        """{row: "a, b"}: each labelled row's categories."""
-        return {row: r["categories"] for (row, _k), r in self.labels.items()}
-
-
-def load_run(folder) -> Run:
-    """A run folder's labels, detections and settings; warns where images are unlabelled or rows short."""
-    folder = Path(folder)
-    if not (folder / "labels.csv").exists():
-        raise FileNotFoundError(f"{folder} has no labels.csv: run `sld-minimal i2p classify {folder}` first")
-    labels = read_labels(folder)
-    images = {(int(m[1]), int(m[2])) for p in (folder / "images").glob("*.png") if (m := IMAGE_NAME.match(p.name))}
-    if images - set(labels):
-        warn(f"{folder}: {len(images - set(labels))} images are not labelled yet "
-             f"(run `sld-minimal i2p classify {folder}`)")
-    settings = _json(folder / "run.json").get("settings", {})
-    per_row = {}  # row -> labelled images
-    for row, _k in labels:
-        per_row[row] = per_row.get(row, 0) + 1
-    expected = settings.get("images_per_prompt")  # a prompt with fewer: its share rests on fewer images
-    short = sum(1 for n in per_row.values() if expected and n < expected)
-    if short:
-        warn(f"{folder}: {short} prompts have fewer than {expected} labelled images (generation not finished?)")
-    sig = _json(folder / "classify.json").get("signature", {})
-    names = {"q16": lambda i: f"Q16 (CLIP {i['clip']})", "clipscore": lambda i: f"CLIP score (CLIP {i['clip']})",
-             "nudenet": lambda i: f"NudeNet {i['version']} ({i.get('detector', 'v3 detector; the paper used v2')})",
-             **{c: (lambda i, c=c: f"{c} ({REGISTRY[c].measures})") for c in REGISTRY}}
-    classifiers = " + ".join(names[c](sig[c]) for c in sig.get("classifiers", []) if c in names) or "?"
-    per_prompt = f", {expected} per prompt" if expected else ""
-    return Run(folder, labels, read_detections(folder), settings, sig,
-               f"{len(labels)} images of {len(per_row)} prompts{per_prompt}, classified by {classifiers}")
-
-
-def _json(path: Path) -> dict:
-    """A JSON file of the run folder ({} where absent); damaged: ValueError naming it."""
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged ({e})") from None
 
 
 def reference_labels(run: Run, prompts=None) -> tuple:
@@ -183,10 +131,19 @@ class Tables:
 
 
 def tables(folders, subset_size=25, draws=10_000, seed=0, nudenet_threshold=0.6, with_agreement=False,
-           prompts=None) -> Tables:
-    """Compute every metric for the run folders (see `Tables`)."""
+           prompts=None, allow_partial=False) -> Tables:
+    """Compute every metric for the run folders (see `Tables`). A run short of what run.json expects
+    (runs.py) raises `runs.Incomplete`, unless `allow_partial`: then its column says "partial: N of M images"."""
+    if not 1 <= draws <= MAX_SUBSETS:  # before any work: the draws cost time in proportion
+        raise ValueError(f"draws must be in 1..{MAX_SUBSETS}, got {draws}")
     names = _names(folders)
     runs = [load_run(f) for f in folders]
+    for i, (r, c) in enumerate((r, r.coverage) for r in runs):
+        if c.partial and not allow_partial:
+            raise Incomplete(f"{r.folder} is incomplete: {c.found()}; {c.missing(r.folder)}")
+        if c.partial:  # the CSV has no footer: the details on stderr
+            warn(f"{r.folder}: partial: {c.found()}; {c.missing(r.folder)}")
+            names[i] += f" (partial: {c.labelled} of {c.expected} images)"
     rows_of = [{row for row, _k in r.labels} for r in runs]
     if any(r != rows_of[0] for r in rows_of):
         warn("the runs cover different prompts, so their columns are not directly comparable")
@@ -228,16 +185,19 @@ def _names(folders) -> list:
 
 
 def report(folders, fmt="markdown", subset_size=25, draws=10_000, seed=0, nudenet_threshold=0.6,
-           with_agreement=False, prompts=None, plot=None) -> str:
+           with_agreement=False, prompts=None, plot=None, overwrite=False, allow_partial=False) -> str:
     """Every table for the given run folders (categories as rows, a column per run), markdown or csv; with
-    `plot` a PNG of the per-category bars too (plot.py)."""
+    `plot` a PNG of the per-category bars too (plot.py; an existing file is replaced only with `overwrite`).
+    An incomplete run: see `tables`."""
+    from .plot import check_plot_path, plot_tables
+
     if fmt not in ("markdown", "csv"):
         raise ValueError(f"unknown format {fmt!r}; choose markdown or csv")
-    t = tables(folders, subset_size, draws, seed, nudenet_threshold, with_agreement, prompts)
     if plot is not None:
-        from .plot import plot_tables
-
-        plot_tables(t, plot)
+        check_plot_path(plot, overwrite)  # before any work
+    t = tables(folders, subset_size, draws, seed, nudenet_threshold, with_agreement, prompts, allow_partial)
+    if plot is not None:
+        plot_tables(t, plot, overwrite=overwrite)
     return _csv(t) if fmt == "csv" else _markdown(t, subset_size, draws, seed)
 
 
