@@ -16,6 +16,11 @@ import torch
 from .files import create_exclusive, write_atomic
 
 SETTINGS_CHUNK = "sld_minimal"  # the PNG text chunk with an image's settings as JSON, the source of truth
+# The version of what this package records about how a file was made: each image's settings (this chunk) and an I2P
+# run folder's run.json carry it as "format". 1 (no "format" key): as first written. 2: run.json records the prompt
+# set ("prompts") and "rows_per_call" (above 1), the images' `i2p` chunk "rows_per_call", labels.csv each image's
+# size and mtime. Files of an earlier format still read back and resume; new fields are added, none renamed.
+SETTINGS_FORMAT = 2
 
 
 def png_file(path) -> Path:

@@ -22,7 +22,7 @@ from .checks import device as check_device, dtype as check_dtype, integer, kind,
 from .conditions import PROMPT, UNCOND, concept_text
 from .guidance import PRESETS as SAFETY_PRESETS, Edit
 from .loading import load_model
-from .outputs import Output
+from .outputs import SETTINGS_FORMAT, Output
 from .sampling import initial_latents, sample
 from .tokenizer import tokenize
 
@@ -303,6 +303,6 @@ class StableDiffusion:
                         else next((k for k, v in SAFETY_PRESETS.items() if v.values() == c.values()), "custom"),
                         **c.values(), "concept": c.concept} for c in configs],
             "edits": [dataclasses.asdict(e) for e in edits],
-            "model": self.name, "version": __version__}
+            "model": self.name, "version": __version__, "format": SETTINGS_FORMAT}
 
 

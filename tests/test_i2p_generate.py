@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sld_minimal.app import cli
-from sld_minimal.app.i2p import prompts as P, run as G
+from sld_minimal.app.i2p import folder as F, prompts as P, run as G
 from sld_minimal.guidance import DEFAULT_CONCEPT
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.testing.i2p import ERASURE, RUN, image_bytes, write_i2p_csv, write_labelled_csv
@@ -170,7 +170,7 @@ def test_incomplete_images_are_made_again_and_temporaries_removed(pipe, rows, re
     assert G.generate(pipe, rows, folder, **RUN) == {"made": 3, "found": 6}  # batches [0, 1] of row 0, [2] of row 4
     assert image_bytes(folder) == expected and not orphan.exists()
     assert "2 incomplete image(s)" in capsys.readouterr().err
-    assert G.png_complete(folder / "images" / "0-0.png") and not G.png_complete(tmp_path / "none.png")
+    assert F.png_complete(folder / "images" / "0-0.png") and not F.png_complete(tmp_path / "none.png")
 
 
 @pytest.mark.bitexact
@@ -215,10 +215,10 @@ def test_a_folder_refuses_other_image_settings(pipe, rows, reference):
 
 def test_run_json_is_created_once(tmp_path):
     record = {"settings": {"steps": 3, "safety": None}}
-    assert G.create_once(tmp_path / "run.json", record, "settings", "a run") == record
+    assert F.create_once(tmp_path / "run.json", record, "settings", "a run") == record
     # a concurrent shard that lost the race reads the winner's file and compares
     with pytest.raises(ValueError, match="steps=3, not 4"):
-        G.create_once(tmp_path / "run.json", {"settings": {"steps": 4, "safety": None}}, "settings", "a run")
+        F.create_once(tmp_path / "run.json", {"settings": {"steps": 4, "safety": None}}, "settings", "a run")
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
@@ -323,3 +323,16 @@ def test_cli_i2p_generate_checks_the_size_before_loading(tmp_path, prompts_csv, 
     assert cli.main(["i2p", "generate", "--prompts", str(prompts_csv), "--weights", str(missing), "--out",
                      str(tmp_path / "run"), "--safety", "off", "--height", "36"]) == cli.EXIT_USAGE
     assert "--height must be a multiple of 8, got 36" in capsys.readouterr().err
+
+
+def test_the_settings_format_is_recorded_and_older_folders_resume(pipe, rows, reference, tmp_path):
+    from sld_minimal.outputs import SETTINGS_FORMAT
+
+    assert json.loads((reference / "run.json").read_text())["format"] == SETTINGS_FORMAT == 2
+    assert pipe("a cat", num_inference_steps=1, height=16, width=16, progress=False).settings[0]["format"] == 2
+    folder = tmp_path / "older"  # a run folder as format 1 wrote it: no "format", no prompt set
+    shutil.copytree(reference, folder)
+    record = json.loads((folder / "run.json").read_text())
+    del record["format"]
+    (folder / "run.json").write_text(json.dumps(record))
+    assert G.generate(pipe, rows, folder, **RUN) == {"made": 0, "found": 9}

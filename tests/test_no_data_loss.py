@@ -64,15 +64,24 @@ def test_i2p_generate_keeps_a_users_tmp_file_in_its_folder(tiny_ckpt, tmp_path):
     assert (out / ".notes.tmp").read_text() == "mine" and (out / "images" / ".notes.tmp").read_text() == "mine"
 
 
-@pytest.mark.parametrize("command", ["tiny", "convert"])
+@pytest.mark.parametrize("command", ["tiny", "convert", "i2p import"])
 def test_a_killed_writer_leaves_a_temporary_that_the_next_run_removes(tmp_path, tiny_ckpt, command):
     """kill -9 while the folder is being written: the hidden temporary stays; the next run to the same destination
     removes it, and only it."""
-    dst = tmp_path / ("out" if command == "tiny" else "out.safetensors")
+    dst = tmp_path / ("out.safetensors" if command == "convert" else "out")
     user = tmp_path / ".notes.tmp"
     user.write_text("mine")
     # the child kills itself (SIGKILL) the moment its temporary folder exists: as kill -9 mid-write, at a known time
-    args = ["tiny", str(dst)] if command == "tiny" else ["convert", str(tiny_ckpt), str(dst)]
+    if command == "i2p import":
+        from PIL import Image
+
+        (tmp_path / "made").mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / "made" / "0-0.png")
+        (tmp_path / "p.csv").write_text("prompt,sd_seed\na cat,1\n")
+        args = ["i2p", "import", "--prompts", str(tmp_path / "p.csv"), "--images", str(tmp_path / "made"),
+                "--out", str(dst), "--quiet"]
+    else:
+        args = ["tiny", str(dst)] if command == "tiny" else ["convert", str(tiny_ckpt), str(dst)]
     code = ("import os, signal, sys\n"
             "from sld_minimal import files\n"
             "mkdir = files.Path.mkdir\n"

@@ -9,7 +9,7 @@ from sld_minimal import loading
 from sld_minimal.app import cli
 from sld_minimal.app.i2p import classify as C, report as R
 from sld_minimal.app.i2p.prompts import Row
-from sld_minimal.app.i2p.run import _png, image_path, row_meta
+from sld_minimal.app.i2p.folder import _png, image_path, row_meta
 from sld_minimal.app.toy import world
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.weights import WeightsError

@@ -40,7 +40,8 @@ def cmd_generate(a):
     from ...loading import read_configs
     from ...pipeline import StableDiffusion, model_size
     from .prompts import parse_shard, read_csv, select_rows
-    from .run import generate, prompt_record
+    from .folder import prompt_record
+    from .run import generate
 
     # --safety has no default: a benchmark run should say which column of the paper it is
     if a.negative_prompt_baseline and a.safety not in (None, "off"):

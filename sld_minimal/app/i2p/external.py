@@ -22,8 +22,10 @@ import re
 from pathlib import Path
 
 from ... import files
+from ...outputs import SETTINGS_FORMAT
 from .prompts import Columns, read_csv, select_rows
-from .run import _bar, _png, image_path, missing, open_run, row_meta, write_atomic
+from .folder import _png, image_path, missing, open_run, row_meta, write_atomic
+from .run import _bar
 
 # {id}-{k}.png, or {id}_{k}.png as the erasure harnesses (ESD, UCE, …) name their images; any image suffix
 NAME = re.compile(r"^(\d+)[-_](\d+)\.(png|jpe?g|webp|bmp|tiff?)$", re.IGNORECASE)
@@ -144,7 +146,8 @@ def import_images(prompts, images, out, model=None, images_per_prompt=None, colu
                     raise ValueError(f"{source}: not a readable image ({e}); nothing written") from None
                 write_atomic(image_path(tmp, row.id, k), png)
                 bar.update(1)
-        write_atomic(tmp / "run.json", json.dumps({"settings": settings, "version": __version__}, indent=2) + "\n")
+        write_atomic(tmp / "run.json", json.dumps({"settings": settings, "version": __version__,
+                                                   "format": SETTINGS_FORMAT}, indent=2) + "\n")
     return {"rows": len(rows), "images": len(rows) * n}
 
 

@@ -79,7 +79,8 @@ def run(weights="toy", out="runs/toy", images_per_prompt=4, steps=50, scheduler=
     from ..i2p.classify import classify
     from ..i2p.prompts import Columns, read_csv, select_rows
     from ..i2p.report import report
-    from ..i2p.run import generate, prompt_record
+    from ..i2p.folder import prompt_record
+    from ..i2p.run import generate
 
     chosen = [m for m in METHODS if methods is None or m[0] in methods or m[1] in methods]
     if methods is not None and len(chosen) != len(set(methods)):
