@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sld_minimal.app import cli
-from sld_minimal.app.common import download_files
+from sld_minimal.app.common import download_files, shown_default
 
 FAST = ["--height", "32", "--width", "32", "--steps", "3", "--seed", "1", "--quiet"]
 
@@ -310,3 +310,16 @@ def test_a_prompt_that_is_not_utf8_is_named(tiny_ckpt, tmp_path, monkeypatch, ca
     _no_model(monkeypatch)
     code, _, err = run(capsys, "generate", *args, "--weights", str(tiny_ckpt), "--out", str(tmp_path / "o.png"))
     assert (code, err) == (2, f"sld-minimal: error: {message} (see `sld-minimal generate --help`)\n")
+
+
+def test_help_shows_every_default():
+    """Every flag with a default (not None, not an off switch) names it in --help, as "(default: X)" or in words
+    that start so; e.g. generate's --safety, --steps, --guidance and the weights path, i2p generate's --batch."""
+    seen = 0
+    for _, parser in _parsers():
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.option_strings and shown_default(action.default):
+                assert f"default: {action.default}" in text, (parser.prog, action.option_strings)
+                seen += 1
+    assert seen >= 30

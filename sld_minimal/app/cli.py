@@ -206,7 +206,7 @@ def build_parser() -> Parser:
     m.add_argument("--weights", help=f"SD 1.x folder, .safetensors file or `toy` (default: {DEFAULT_WEIGHTS}, "
                                      f"downloaded if missing)")
     m.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: this machine only; another makes the page reachable from the "
+                   help="address to bind (default: 127.0.0.1, this machine only; another makes the page reachable from the "
                         "network)")
     m.add_argument("--port", type=int_range(1, 65535), default=7860)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])

@@ -70,15 +70,38 @@ def _once(base):
     return Once
 
 
+def shown_default(value) -> bool:
+    """Whether --help names a flag's default: not for None, an off switch or an empty list (a repeatable flag)."""
+    return value not in (None, False, argparse.SUPPRESS) and value != []
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """`--help` shows every flag's default: "(default: X)" is added where a flag has one (not None, not an off
+    switch) and its help does not already say "default: …"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and shown_default(action.default) and text is not argparse.SUPPRESS
+                and "default:" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser with one-line errors (`UsageError`), where a flag that takes one value may be given once:
     `--seed 1 --seed 2` is an error, not seed 2. Flags meant to repeat use `action="append"` and say "(repeatable)"
     in their help; a switch (`--quiet`) given twice means what it means once."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
         super().__init__(*args, **kwargs)
         for name in (None, "store"):
             self.register("action", name, _once(argparse._StoreAction))
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("help") is None and shown_default(kwargs.get("default")):
+            kwargs["help"] = "(default: %(default)s)"  # argparse prints no help line, so no default, without one
+        return super().add_argument(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         self._given = {}  # dest -> value, per parse (a subcommand is parsed by its own parser)
