@@ -195,8 +195,9 @@ def test_sega_safety_matches_semantic_pipeline(own_pipe, tiny_ckpt):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     # The authors' harness (mitigation/semantic_ssd.py) for "strong": the concept as a reversed edit. A concept
-    # under 77 tokens: diffusers' SEGA pipeline cuts longer ones after tokenising, dropping CLIP's end token, where
-    # ours (and diffusers' safe pipeline) keep it — the default concept (81 tokens) then differs in its last token.
+    # of at most 77 tokens: diffusers' SEGA pipeline cuts longer ones after tokenising, dropping CLIP's end token,
+    # where ours (and diffusers' safe pipeline) keep it. (The default concept is 52 tokens with SD 1.4's
+    # vocabulary; with this tiny model's vocabulary it would be longer.)
     concept = "nudity, blood, violence"
     theirs = ref("a photo of the cat", generator=torch.Generator().manual_seed(0), output_type="np",
                  height=32, width=40, num_inference_steps=12, guidance_scale=7.5,

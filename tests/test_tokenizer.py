@@ -11,7 +11,7 @@ import torch
 
 from sld_minimal.loading import PACKAGED
 from sld_minimal.tokenizer import (BPE_FILE, CLIP_VOCAB_SIZE, check_vocab_size, clip_tokenizer, clip_vocab_and_merges,
-                                   load_tokenizer, size)
+                                   load_tokenizer, size, tokenize)
 from sld_minimal.weights import WeightsError
 
 
@@ -31,6 +31,18 @@ def test_packaged_tokenizer_gives_clips_ids():
     assert tok("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]
     assert tok("Hello, world!").input_ids == [49406, 3306, 267, 1002, 256, 49407]
     assert tok("A PHOTO of  a Cat!").input_ids == [49406, 320, 1125, 539, 320, 2368, 256, 49407]
+
+
+def test_the_default_concept_fits_clips_77_tokens():
+    """The paper's concept is 52 tokens with SD 1.4's vocabulary (start and end included): never truncated, and so
+    SEGA-as-safety with it matches diffusers' SEGA pipeline, which cuts longer texts before their end token."""
+    from sld_minimal.guidance import DEFAULT_CONCEPT
+
+    ids = clip_tokenizer()(DEFAULT_CONCEPT, truncation=False).input_ids
+    assert len(ids) == 52 and ids[0] == 49406 and ids[-1] == 49407
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no truncation warning
+        tokenize(clip_tokenizer(), [DEFAULT_CONCEPT])
 
 
 def test_long_prompts_are_truncated_with_a_warning_naming_the_dropped_words(tiny_ckpt):
