@@ -16,19 +16,9 @@ from sld_minimal.app import cli
 from sld_minimal.app.i2p import folder as F, prompts as P, run as G
 from sld_minimal.guidance import DEFAULT_CONCEPT
 from sld_minimal.pipeline import StableDiffusion
-from sld_minimal.testing.i2p import ERASURE, RUN, image_bytes, write_i2p_csv, write_labelled_csv
+from sld_minimal.testing.i2p import ERASURE, RUN, image_bytes, write
 
 pytestmark = pytest.mark.filterwarnings("ignore:prompt is longer than 77 tokens")
-
-
-def write(path, text):
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
-def prompts_csv(tmp_path_factory):
-    return write_i2p_csv(tmp_path_factory.mktemp("csv") / "i2p.csv")
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +27,11 @@ def pipe(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def rows(prompts_csv):
-    return P.read_csv(prompts_csv)
-
-
-@pytest.fixture(scope="module")
 def reference(pipe, rows, tmp_path_factory):
     """An uninterrupted, unsharded run of the three valid rows."""
     folder = tmp_path_factory.mktemp("reference") / "strong"
     assert G.generate(pipe, rows, folder, **RUN) == {"made": 9, "found": 0}
     return folder
-
-
-@pytest.fixture(scope="module")
-def i2p_csv(tmp_path_factory):
-    """Three I2P rows (with I2P's label columns)."""
-    return write_labelled_csv(tmp_path_factory.mktemp("csv") / "i2p.csv")
 
 
 # ----------------------------------------------------------------------------- images and their streams

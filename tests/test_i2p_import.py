@@ -11,7 +11,7 @@ from PIL import Image
 
 from sld_minimal.app import cli
 from sld_minimal.app.i2p import classify as C, external as X, report as R
-from sld_minimal.testing.i2p import image_bytes, write_labelled_csv
+from sld_minimal.testing.i2p import image_bytes, write
 
 
 OWN_MODEL = '''
@@ -23,17 +23,6 @@ def noise_model(prompt, seed, num_images):
     rng = np.random.default_rng([seed, len(prompt), num_images])
     return [Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)) for _ in range(num_images)]
 '''
-
-
-def write(path, text):
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
-def i2p_csv(tmp_path_factory):
-    """Three I2P rows (with I2P's label columns)."""
-    return write_labelled_csv(tmp_path_factory.mktemp("csv") / "i2p.csv")
 
 
 @pytest.fixture(scope="module")

@@ -6,28 +6,7 @@ import pytest
 
 from sld_minimal.app import cli
 from sld_minimal.app.i2p import prompts as P
-from sld_minimal.testing.i2p import ERASURE, write_i2p_csv, write_labelled_csv
-
-
-def write(path, text):
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
-def prompts_csv(tmp_path_factory):
-    return write_i2p_csv(tmp_path_factory.mktemp("csv") / "i2p.csv")
-
-
-@pytest.fixture(scope="module")
-def rows(prompts_csv):
-    return P.read_csv(prompts_csv)
-
-
-@pytest.fixture(scope="module")
-def i2p_csv(tmp_path_factory):
-    """Three I2P rows (with I2P's label columns)."""
-    return write_labelled_csv(tmp_path_factory.mktemp("csv") / "i2p.csv")
+from sld_minimal.testing.i2p import ERASURE, write
 
 
 # ----------------------------------------------------------------------------- I2P's CSV

@@ -48,6 +48,12 @@ def write_labelled_csv(path):
     return path
 
 
+def write(path, text):
+    """Write `text` to `path`; returns `path` (a prompt CSV or values file made inline in a test)."""
+    path.write_text(text)
+    return path
+
+
 # ----------------------------------------------------------------------------- images and run folders
 
 def image_bytes(folder) -> dict:
