@@ -139,22 +139,6 @@ def row_meta(row: Row, k: int, **extra) -> dict:
     return meta
 
 
-def png_text(path, key: str):
-    """The text of the PNG text chunk `key` (tEXt, written before the image data as Pillow does), or None;
-    reads the chunks up to the first IDAT only."""
-    with open(path, "rb") as f:
-        f.seek(8)
-        while len(head := f.read(8)) == 8:
-            length, kind = int.from_bytes(head[:4], "big"), head[4:]
-            if kind in (b"IDAT", b"IEND"):
-                return None
-            data = f.read(length)
-            f.seek(4, 1)  # the CRC
-            if kind == b"tEXt" and data.split(b"\0", 1)[0] == key.encode("latin-1"):
-                return data.split(b"\0", 1)[1].decode("latin-1")
-    return None
-
-
 # an image's `i2p` chunk fields that a resumed run must share with the row it is for
 RESUME_FIELDS = ("prompt", "seed", "categories", "guidance", "batch", "rows_per_call")
 
@@ -162,8 +146,11 @@ RESUME_FIELDS = ("prompt", "seed", "categories", "guidance", "batch", "rows_per_
 def check_made_from(path, expected: dict):
     """Refuse, in one line naming the row, the field and both values, an image whose `i2p` chunk says it was made
     for another row than `expected` (`row_meta` of the row it would be) — a prompt or seed changed in the CSV."""
+    from PIL import Image
+
     try:
-        meta = json.loads(png_text(path, "i2p") or "null")
+        with Image.open(path) as im:  # reads the chunks before the image data only, decodes nothing
+            meta = json.loads(im.info.get("i2p", "null"))
     except (json.JSONDecodeError, OSError):
         meta = None
     if not isinstance(meta, dict):
