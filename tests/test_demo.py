@@ -13,7 +13,7 @@ from PIL import Image
 
 from sld_minimal.app import demo as D
 from sld_minimal.guidance import DEFAULT_CONCEPT, PRESETS as SLD_PRESETS, Edit, SafetyConfig
-from sld_minimal.methods import PRESETS
+from sld_minimal.methods import PRESETS, SEGA_SAFETY_PRESETS, SegaSafety
 from sld_minimal.pipeline import StableDiffusion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,8 @@ class FakeOutput:
 
 
 class FakePipe:
-    """Records its calls; each run calls back `steps` times, with μ > 0 at latent pixel (0, 0) only (SLD side)."""
+    """Records its calls; each run calls back `steps` times, with μ > 0 at latent pixel (0, 0) only (SLD side), in
+    the terms an SLD method hands the callback (its configs and, per config, μ)."""
     default_size, name, safety_concept = 32, "fake", None  # None: the paper's concept, as SD 1.4
 
     def __init__(self, on_step=None):
@@ -53,8 +54,9 @@ class FakePipe:
             if safety:
                 mu = torch.zeros(1, 4, 4, 4)
                 mu[0, 2, 0, 0] = 0.5  # one channel is enough
-            info = SimpleNamespace(step=i, num_steps=n, mu=mu, sld_active=None if mu is None else 1 / 64,
-                                   cfg_norm=2.0, safety_norm=None if mu is None else 1.0)
+            terms = {} if mu is None else {"safety": safety, "mu": [mu] * len(safety)}
+            info = SimpleNamespace(step=i, num_steps=n, terms=terms, cfg_norm=2.0,
+                                   safety_norm=None if mu is None else 1.0)
             if self.on_step:
                 self.on_step(i)
             if callback(info) is D.STOP:
@@ -88,16 +90,33 @@ def test_preset_off_and_a_disabled_scale_leave_sld_off():
 
 
 def test_the_choices_come_from_the_registries():
-    assert D.PRESET_CHOICES[:-1] == [n for n in PRESETS if n == "off" or n in SLD_PRESETS]
-    assert D.PRESET_CHOICES[-1] == D.CUSTOM
+    assert D.PRESET_CHOICES == [*PRESETS, D.CUSTOM]
+    assert {"sega-medium", "sega-strong", "sega-max"} <= set(D.PRESET_CHOICES)
     assert all(0 <= D.random_seed() <= D.MAX_SEED for _ in range(10))
     for name, config in SLD_PRESETS.items():
         assert D.preset_values(name) == dict(zip(D.SLD_FIELDS, config.values().values()))
+        assert D.value_labels(name) == [D.LABELS[k] for k in D.SLD_FIELDS]
+    assert D.preset_values("strong")["threshold"] == 0.025  # exact, as the page shows it
+
+
+def test_the_sega_presets_show_their_values_under_sega_labels():
+    assert {name: list(D.preset_values(name).values()) for name in SEGA_SAFETY_PRESETS} == {
+        "sega-medium": [4, 10, 0.9, 0.3, 0.4], "sega-strong": [7, 5, 0.85, 0.5, 0.4],
+        "sega-max": [10, 0, 0.75, 0.5, 0.4]}
+    assert D.value_labels("sega-max") == ["s_e (edit scale)", "δ (warm-up steps)", "λ (threshold quantile)",
+                                          "s_m (momentum scale)", "β_m (momentum β)"]
+    r = D.parse(fields(preset="sega-strong", concept="spiders"))
+    assert r.safety == [SegaSafety(7, 5, 0.85, 0.5, concept="spiders", preset="sega-strong")]
+    with pytest.raises(D.FieldError) as e:  # its edit and another would share SEGA's one momentum
+        D.parse(fields(preset="sega-strong", edit_concept="hat"))
+    assert str(e.value) == ("SEGA edit concept: the sega-strong preset is itself a SEGA edit and takes no other (they "
+                            "would share one momentum); clear it or choose an SLD preset")
 
 
 @pytest.mark.parametrize("changes, message", [
     (dict(prompt="  "), "Prompt: empty; type what the image should show"),
-    (dict(preset="extreme"), "SLD preset: choose one of off, weak, medium, strong, max, custom, got 'extreme'"),
+    (dict(preset="extreme"), "Safety preset: choose one of off, weak, medium, strong, max, sega-medium, sega-strong, "
+                             "sega-max, custom, got 'extreme'"),
     (dict(concept=""), "Safety concept: empty"),
     (dict(steps=0), "Steps: must be from 1 to 150, got 0"),
     (dict(steps=151), "Steps: must be from 1 to 150, got 151"),
@@ -144,9 +163,11 @@ def test_compare_runs_sd_then_sld_with_the_same_settings(tmp_path):
     assert (c.sd == 64).all() and (c.sld == 191).all()             # 0.25 and 0.75 as uint8
     assert (c.difference == 255).all()                            # the difference, scaled to its maximum
     # strong: δ = 7, so 3 of the 10 steps count, and only at latent pixel (0, 0)
+    assert c.diagnostics.applied == [False] * 7 + [True] * 3 and c.diagnostics.first == 7
     assert c.heat.shape == (4, 4) and c.heat[0, 0] == pytest.approx(0.3) and c.heat.sum() == pytest.approx(0.3)
     assert (c.overlay[:8, :8, 0] > c.overlay[:8, :8, 1]).all() and (c.overlay[8:, 8:] == c.sld[8:, 8:]).all()
-    assert c.summary().startswith("Seed 5, 10 steps: SLD acted from step 7 on, on 1.6% of the latent elements")
+    assert c.summary() == ("Seed 5, 10 steps: SLD acted at steps 7 to 9 of the 10 sampling steps, on 1.6% of the "
+                           "latent elements on average; mean |SD − SLD| 127.0 of 255 per channel.")
     fig = D.plot(c.diagnostics)
     assert [a.get_title() for a in fig.axes] == ["latent elements with μ > 0", "guidance terms"]
 
@@ -185,7 +206,7 @@ def test_a_bad_field_calls_no_pipeline(tmp_path):
     assert pipe.calls == []
 
 
-@pytest.mark.filterwarnings("ignore:prompt is longer than 77 tokens")  # the tiny tokenizer
+@pytest.mark.filterwarnings("ignore:the .* is longer than 77 tokens")  # the tiny tokenizer
 def test_compare_on_the_tiny_model_writes_pngs_with_their_parameters(tiny_ckpt, tmp_path):
     pipe = StableDiffusion.from_pretrained(tiny_ckpt)
     demo = D.Demo(pipe, tmp_path)
@@ -200,6 +221,43 @@ def test_compare_on_the_tiny_model_writes_pngs_with_their_parameters(tiny_ckpt, 
     assert "Safety: off" in sd.text["parameters"] and "Safety: max" in sld.text["parameters"]
     assert (np.asarray(sld.convert("RGB")) == c.sld).all()  # the file is the image shown
     assert len(c.diagnostics.active) == len(c.diagnostics.cfg_norm) == 4  # PNDM: 3 steps are 4 UNet calls
+
+
+@pytest.mark.filterwarnings("ignore:the .* is longer than 77 tokens")  # the tiny tokenizer
+def test_the_status_says_when_the_safety_term_never_acted(tiny_ckpt, tmp_path):
+    """A run no longer than the warm-up: the loop's iterations (PNDM: one more than the steps) all come before δ, so
+    γ never enters ε̂ — whatever μ the momentum's branch computed meanwhile. Then one step more: it acts once."""
+    demo = D.Demo(StableDiffusion.from_pretrained(tiny_ckpt), tmp_path)
+    run = lambda **changes: demo.compare(demo.defaults() | {"prompt": "a red apple"} | changes)  # noqa: E731
+    c = run(preset="strong", steps=5)  # δ = 7, 6 PNDM iterations
+    assert c.diagnostics.applied == [False] * 6 and c.diagnostics.first is None and not c.heat.any()
+    assert c.diagnostics.active[0] is not None  # μ was computed (s_m > 0 builds ν in the warm-up), yet not applied
+    assert c.summary() == ("Seed 0, 5 steps: SLD never acted: its warm-up (δ = 7) is not shorter than the 6 sampling "
+                           "steps (PNDM takes 6 for 5); mean |SD − SLD| 0.0 of 255 per channel.")
+    c = run(preset="weak", steps=10, sampler="ddim")  # δ = 15 and s_m = 0: its branch is never even computed
+    assert c.summary().startswith("Seed 0, 10 steps: SLD never acted: its warm-up (δ = 15) is not shorter than the "
+                                  "10 sampling steps; ")
+    c = run(preset="sega-medium", steps=5)  # SEGA as safety: its own δ = 10
+    assert c.summary().startswith("Seed 0, 5 steps: SEGA safety never acted: its warm-up (δ = 10) is not shorter")
+    c = run(preset="strong", steps=7)  # 8 iterations: the last one, step 7, is the first at δ
+    assert c.diagnostics.applied == [False] * 7 + [True]
+    assert c.summary().startswith("Seed 0, 7 steps: SLD acted at step 7 of the 8 sampling steps (PNDM takes 8 for 7)")
+
+
+@pytest.mark.filterwarnings("ignore:the .* is longer than 77 tokens")  # the tiny tokenizer
+def test_a_sega_preset_runs_and_shows_where_its_edit_acted(tiny_ckpt, tmp_path):
+    demo = D.Demo(StableDiffusion.from_pretrained(tiny_ckpt), tmp_path)
+    c = demo.compare(demo.defaults() | {"prompt": "a red apple", "preset": "sega-max", "steps": 3})
+    d = c.diagnostics
+    assert d.sega and d.applied == [True] * 4 and (c.sd != c.sld).any()
+    # its threshold λ = 0.75 keeps the top quarter of |ψ| per channel
+    assert d.active == d.acting == [pytest.approx(0.25)] * 4 and all(n > 0 for n in d.safety_norm)
+    assert 0 < c.heat.max() <= 1
+    assert c.summary().startswith("Seed 0, 3 steps: SEGA safety acted at steps 0 to 3 of the 4 sampling steps (PNDM "
+                                  "takes 4 for 3), on 25.0% of the latent elements on average; mean |SD − SLD| ")
+    fig = D.plot(d)
+    assert [a.get_title() for a in fig.axes] == ["latent elements the edit keeps", "guidance terms"]
+    assert Image.open(c.files["sld"]).text["parameters"].count("sega-max") >= 1
 
 
 # ----------------------------------------------------------------------------- the page and the command
@@ -239,6 +297,9 @@ def test_the_page_has_a_field_per_label_and_no_file_input(page_module, tmp_path)
     numbers = page_module.preset_fields("strong")
     assert [n.value for n in numbers] == list(SLD_PRESETS["strong"].values().values())
     assert not numbers[0].interactive and page_module.preset_fields("custom")[0].interactive
+    sega = page_module.preset_fields("sega-strong")
+    assert [n.value for n in sega] == [7, 5, 0.85, 0.5, 0.4] and not sega[0].interactive
+    assert [n.label for n in sega] == D.value_labels("sega-strong") and numbers[0].label == D.LABELS["scale"]
 
 
 def test_the_command_without_a_model_downloads_sd14_as_generate_does(page_module, tmp_path, monkeypatch, capsys):

@@ -215,8 +215,7 @@ def test_a_preset_fills_the_sld_values_and_the_seed_button_draws_one(page):
 
     from sld_minimal.app.demo import MAX_SEED
 
-    page.get_by_text("SLD values and concept").click()
-    scale = page.get_by_label("s_S (safety scale)")
+    scale = page.get_by_label("s_S (safety scale)")  # the values' accordion starts open
     _pick(page, "preset", "strong")
     expect(scale).to_have_value("2000")
     expect(scale).to_be_disabled()
@@ -226,3 +225,44 @@ def test_a_preset_fills_the_sld_values_and_the_seed_button_draws_one(page):
     expect(page.locator("#seed input")).not_to_have_value("0")
     seed = page.locator("#seed input").input_value()
     assert seed.isdigit() and 0 < int(seed) <= MAX_SEED, seed  # a seed the page's own check accepts
+
+
+# the JavaScript that tells a field's value, and whether its box cuts it: an input whose text (with the number
+# field's spin button) is wider than its box scrolls, scrollWidth > clientWidth
+CUT = "e => ({value: e.value, cut: e.scrollWidth > e.clientWidth, label: e.getAttribute('aria-label')})"
+
+
+@pytest.mark.parametrize("width", [1280, 1400])
+def test_every_presets_values_are_shown_in_full(page, width):
+    """Each preset's five values (SLD's and SEGA's) in the page's fields, exactly and uncut, from 1280 px wide on."""
+    from playwright.sync_api import expect
+
+    from sld_minimal.app.demo import CUSTOM, PRESET_CHOICES, SLD_FIELDS, preset_values, value_labels
+
+    page.set_viewport_size({"width": width, "height": 900})
+    for name in [n for n in PRESET_CHOICES if n not in ("off", CUSTOM)]:
+        _pick(page, "preset", name)
+        expected = [format(v, "g") for v in preset_values(name).values()]  # 0.025 as 0.025, 200.0 as 200
+        for key, value in zip(SLD_FIELDS, expected):
+            expect(page.locator(f"#value-{key} input")).to_have_value(value, timeout=TIMEOUT_MS)
+        shown = [page.locator(f"#value-{key} input").evaluate(CUT) for key in SLD_FIELDS]
+        assert shown == [{"value": v, "cut": False, "label": label} for v, label in zip(expected, value_labels(name))]
+
+
+def test_compare_and_its_outputs_are_in_view_at_1280_by_720(page):
+    """On a 1280×720 window, with the page scrolled to its top: the Compare button, and after a run the status and
+    all four images, lie inside the window."""
+    page.set_viewport_size({"width": 1280, "height": 720})
+    _fill(page, "prompt", "a red apple on a table")
+    _pick(page, "preset", "max")
+    _fill(page, "steps", 4)  # below the fold: filling it scrolls the page
+    page.evaluate("window.scrollTo(0, 0)")
+    page.locator("#compare").click()  # in view: the click scrolls nothing
+    _wait_status(page, "SLD acted")
+    for elem_id in ("sd-image", "sld-image", "difference", "heat"):
+        page.locator(f"#{elem_id} img").first.wait_for(state="visible")
+    assert page.evaluate("window.scrollY") == 0
+    for elem_id in ("compare", "status", "sd-image", "sld-image", "difference", "heat"):
+        box = page.locator(f"#{elem_id}").bounding_box()
+        assert box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= 1280 and \
+            box["y"] + box["height"] <= 720, (elem_id, box)

@@ -1,5 +1,6 @@
-"""The demo's logic: the page's field values → plain SD and SLD with the same seed → both images as PNG files, the
-pixel difference, the per-step diagnostics and a heat map of where SLD acted (`demo_page.py` lays it out in Gradio).
+"""The demo's logic: the page's field values → plain SD and SLD (or SEGA as the safety method, the `sega-*` presets)
+with the same seed → both images as PNG files, the pixel difference, the per-step diagnostics and a heat map of where
+the safety method acted (`demo_page.py` lays it out in Gradio).
 
 Nothing here imports Gradio: `Demo.compare(fields)` takes a dict of the page's values (keys of `LABELS`) and
 returns a `Comparison`; a bad value raises `FieldError`, one line that names the page's field.
@@ -15,19 +16,18 @@ import torch
 
 from ..checks import check_limits
 from ..guidance import DEFAULT_CONCEPT, Edit, SafetyConfig
-from ..methods import PRESETS, safety_configs
+from ..methods import PRESETS, SEGA_SAFETY_PRESETS, SegaSafety, safety_configs
 from ..sampling import STOP
 from ..schedulers import SAMPLERS
 
 MAX_STEPS = 150  # the page's upper bound on sampling steps; `sld-minimal demo --max-steps N` moves it
 MAX_SEED = 2**32 - 1
 CUSTOM = "custom"  # the preset choice that reads the five SLD fields
-# the registry's SLD presets (not those of other safety methods, which have no μ to show), then custom
-PRESET_CHOICES = [n for n in PRESETS if n == "off" or isinstance(safety_configs(n)[0], SafetyConfig)] + [CUSTOM]
+PRESET_CHOICES = [*PRESETS, CUSTOM]  # the registry's presets (off, SLD's, SEGA as safety), then custom
 
 # The page's fields: key -> label. The page shows these labels and every FieldError starts with one.
 LABELS = {
-    "prompt": "Prompt", "negative_prompt": "Negative prompt", "preset": "SLD preset",
+    "prompt": "Prompt", "negative_prompt": "Negative prompt", "preset": "Safety preset",
     "scale": "s_S (safety scale)", "warmup": "δ (warm-up steps)", "threshold": "λ (threshold)",
     "momentum_scale": "s_m (momentum scale)", "momentum_beta": "β_m (momentum β)", "concept": "Safety concept",
     "seed": "Seed", "steps": "Steps", "guidance": "Guidance scale s_g", "width": "Width", "height": "Height",
@@ -35,6 +35,9 @@ LABELS = {
     "edit_scale": "SEGA scale s_e", "edit_threshold": "SEGA threshold", "edit_warmup": "SEGA warm-up",
 }
 SLD_FIELDS = ("scale", "warmup", "threshold", "momentum_scale", "momentum_beta")  # SafetyConfig's five, in order
+CONFIG_KEYS = dict(zip(SLD_FIELDS, ("scale", "warmup_steps", "threshold", "momentum_scale", "momentum_beta")))
+# a SEGA safety preset's fields hold the same five keys, two of which mean something else there
+SEGA_LABELS = {"scale": "s_e (edit scale)", "threshold": "λ (threshold quantile)"}
 TOWARD, AWAY = "toward", "away"
 
 
@@ -43,9 +46,15 @@ class FieldError(ValueError):
 
 
 def preset_values(name: str) -> dict:
-    """The five SLD fields' values for a preset name (the medium preset's for off and custom)."""
-    config = SafetyConfig() if name in ("off", CUSTOM) else safety_configs(name)[0]
-    return dict(zip(SLD_FIELDS, config.values().values()))
+    """The five value fields for a preset name, as its config holds them (the medium preset's for off and custom);
+    a SEGA safety preset's are its s_e, δ, λ (a quantile of |ψ|), s_m and β_m."""
+    values = (SafetyConfig() if name in ("off", CUSTOM) else safety_configs(name)[0]).values()
+    return {field: values[key] for field, key in CONFIG_KEYS.items()}
+
+
+def value_labels(name: str) -> list:
+    """The five value fields' labels for a preset name: SLD's, or SEGA's where they differ."""
+    return [SEGA_LABELS.get(k, LABELS[k]) if name in SEGA_SAFETY_PRESETS else LABELS[k] for k in SLD_FIELDS]
 
 
 def random_seed() -> int:
@@ -143,6 +152,9 @@ def parse(fields: dict, max_steps: int = MAX_STEPS, no_limits: bool = False) -> 
                          f"try anyway") from None
     edits = []
     if edit := _text(fields, "edit_concept"):
+        if any(isinstance(c, SegaSafety) for c in configs):
+            raise FieldError(f"{LABELS['edit_concept']}: the {preset} preset is itself a SEGA edit and takes no other "
+                             f"(they would share one momentum); clear it or choose an SLD preset")
         direction = _choice(fields, "edit_direction", [TOWARD, AWAY])
         edits = [Edit(edit, scale=_number(fields, "edit_scale", lo=0), reverse=direction == AWAY,
                       threshold=_number(fields, "edit_threshold", lo=0, hi=0.999),
@@ -153,25 +165,53 @@ def parse(fields: dict, max_steps: int = MAX_STEPS, no_limits: bool = False) -> 
 
 
 class Recorder:
-    """A sampling callback: keeps one run's per-step diagnostics and the count per latent pixel of the steps where
-    SLD acted there, reports progress, and stops the run (`sampling.STOP`) once `cancel` is set."""
+    """A sampling callback for one side: per step whether the safety method acted — its term entered ε̂ — and on
+    which latent elements, the guidance norms, and per latent pixel the count of steps it acted there; it reports
+    progress and stops the run (`sampling.STOP`) once `cancel` is set.
 
-    def __init__(self, warmup: int = 0, progress=None, cancel: threading.Event | None = None):
-        self.warmup, self.progress, self.cancel = warmup, progress, cancel
-        self.active, self.cfg_norm, self.safety_norm = [], [], []  # per step; None where SLD computed nothing
-        self.acted = None    # (N, h, w): steps from δ on where μ > 0 in any channel at that latent pixel
+    Read per step from the method's terms, for every safety config: SLD's config c acted where its μ_c was computed
+    (s_g > 1) and the step is at or past its warm-up δ_c (before, γ_c only builds the momentum ν_c), on the elements
+    with μ_c > 0; SEGA as safety acted from its δ on, on the elements its threshold keeps (ψ ≠ 0)."""
+
+    def __init__(self, safety=(), progress=None, cancel: threading.Event | None = None):
+        self.safety = list(safety)  # the side's safety configs; empty for plain SD
+        self.sega = any(isinstance(c, SegaSafety) for c in self.safety)
+        self.progress, self.cancel = progress, cancel
+        self.applied = []   # per step: whether a safety term entered ε̂
+        self.active = []    # per step: share of latent elements steered, warm-up included; None where none computed
+        self.acting = []    # per step where it acted: share of latent elements the acting terms steered
+        self.cfg_norm, self.safety_norm = [], []  # per step; None where not computed
+        self.acted = None       # (N, h, w): steps where it acted with some channel steered at that latent pixel
         self.stopped_at = None  # the step after which a cancel stopped the run
         self.num_steps = None   # the run's UNet calls (PNDM: one more than its steps)
 
+    def masks(self, info) -> tuple:
+        """The steered-element masks, (N, 4, h, w) bools: (all computed at this step, those whose term entered ε̂)."""
+        t = info.terms
+        if self.sega:  # one reversed edit: its masked direction μ ⊙ ψ
+            pairs = [(e.warmup_steps, d != 0) for e, d in zip(t.get("edits", ()), t.get("edit_directions", ()))]
+        else:          # per safety config, μ_c (None where its branch was skipped)
+            pairs = [(c.warmup_steps, mu > 0) for c, mu in zip(t.get("safety", ()), t.get("mu", ())) if mu is not None]
+        return [m for _, m in pairs], [m for warmup, m in pairs if info.step >= warmup]
+
+    @property
+    def first(self):
+        """The first step where the safety method acted (from 0), None where it never did."""
+        return next((i for i, a in enumerate(self.applied) if a), None)
+
     def __call__(self, info):
         self.num_steps = info.num_steps
-        self.active.append(info.sld_active)
-        self.cfg_norm.append(info.cfg_norm)
-        self.safety_norm.append(info.safety_norm)
-        mu = info.mu                                              # (N, 4, h, w) or None
-        if mu is not None and info.step >= self.warmup:           # γ is subtracted from step δ on
-            acted = (mu > 0).any(dim=1).float()                   # (N, h, w)
+        computed, acting = self.masks(info)
+        self.applied.append(bool(acting))
+        self.active.append(torch.stack(computed).any(dim=0).float().mean().item() if computed else None)
+        if acting:
+            mask = torch.stack(acting).any(dim=0)                 # (N, 4, h, w)
+            self.acting.append(mask.float().mean().item())
+            acted = mask.any(dim=1).float()                       # (N, h, w)
             self.acted = acted if self.acted is None else self.acted + acted
+        self.cfg_norm.append(info.cfg_norm)
+        term = info.terms.get("edit_term")                        # SEGA's γ̂, added to ε̂ as it is
+        self.safety_norm.append((None if term is None else term.norm().item()) if self.sega else info.safety_norm)
         if self.progress is not None:
             self.progress(info.step + 1, info.num_steps)
         if self.cancel is not None and self.cancel.is_set():
@@ -180,10 +220,10 @@ class Recorder:
         return None
 
     def heat(self, shape) -> np.ndarray:
-        """(h, w) share of the steps where SLD acted at each latent pixel (first image), zeros where it never did."""
-        if self.acted is None or not self.active:
+        """(h, w) share of the steps where it acted at each latent pixel (first image), zeros where it never did."""
+        if self.acted is None or not self.applied:
             return np.zeros(shape, dtype=np.float32)
-        return (self.acted[0] / len(self.active)).cpu().numpy().astype(np.float32)
+        return (self.acted[0] / len(self.applied)).cpu().numpy().astype(np.float32)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -228,11 +268,21 @@ class Comparison:
                     + ("; SLD did not run." if self.stopped.startswith("SD") else "."))
         if not r.safety:
             return "SLD is off (preset off, or s_S ≤ 1): both sides are plain SD."
-        active = [a for i, a in enumerate(d.active) if a is not None and i >= d.warmup]
-        mean = 100 * sum(active) / len(active) if active else 0.0
+        who, n = "SEGA safety" if d.sega else "SLD", d.num_steps
+        run = f"the {n} sampling steps" + (f" ({r.sampler.upper()} takes {n} for {r.steps})" if n != r.steps else "")
         diff = np.abs(self.sd.astype(np.float32) - self.sld.astype(np.float32)).mean()
-        return (f"Seed {r.seed}, {r.steps} steps: SLD acted from step {d.warmup} on, on {mean:.1f}% of the latent "
-                f"elements on average; mean |SD − SLD| {diff:.1f} of 255 per channel.")
+        head, tail = f"Seed {r.seed}, {r.steps} steps: {who}", f"mean |SD − SLD| {diff:.1f} of 255 per channel."
+        if d.first is None:
+            warmups = sorted({c.warmup_steps for c in r.safety})  # every concept's δ
+            its = "its warm-up (δ = {}) is" if len(warmups) == 1 else "their warm-ups (δ = {}) are"
+            why = (f"{its.format(', '.join(map(str, warmups)))} not shorter than {run}" if warmups[0] >= n
+                   else f"it acted at none of {run}")
+            return f"{head} never acted: {why}; {tail}"
+        k, last = len(d.acting), max(i for i, a in enumerate(d.applied) if a)
+        at = (f"step {last}" if k == 1 else f"steps {d.first} to {last}" if k == last - d.first + 1
+              else f"{k} steps from step {d.first} on")
+        mean = 100 * sum(d.acting) / k
+        return f"{head} acted at {at} of {run}, on {mean:.1f}% of the latent elements on average; {tail}"
 
 
 class Demo:
@@ -285,7 +335,7 @@ class Demo:
                 break
             report = None if progress is None else (
                 lambda done, n, i=i, side=side: progress(i * n + done, sides * n, side.upper()))  # n: UNet calls
-            recorders[side] = Recorder(safety[0].warmup_steps if safety else 0, report, stop)
+            recorders[side] = Recorder(safety or (), report, stop)
             outputs[side] = self.pipe(request.prompt, safety=safety, callback=recorders[side],
                                       **request.pipe_kwargs())
             if recorders[side].stopped_at is not None:
@@ -299,8 +349,9 @@ class Demo:
 
 
 def plot(diagnostics: Recorder):
-    """A matplotlib figure of the SLD run per step: the share of latent elements with μ > 0, and ‖s_g·γ‖ against
-    ‖s_g·(ε_p − ε_∅)‖; the warm-up (before step δ, where γ is not yet subtracted) is shaded."""
+    """A matplotlib figure of the safety side's run per step: the share of latent elements steered (SLD: μ > 0;
+    SEGA: the edit's mask), and the safety term's norm (SLD: ‖s_g·γ‖; SEGA: ‖γ̂‖) against ‖s_g·(ε_p − ε_∅)‖; the steps
+    before it first acted (its warm-up) are shaded."""
     from matplotlib.figure import Figure  # not pyplot: no backend, no global figure list
 
     d = diagnostics
@@ -309,12 +360,14 @@ def plot(diagnostics: Recorder):
     fig = Figure(figsize=(9, 3.2), layout="constrained")
     left, right = fig.subplots(1, 2)
     left.plot(steps, nan(d.active, 100), color="tab:red")
-    left.set(title="latent elements with μ > 0", xlabel="step", ylabel="%", ylim=(-3, 103))  # 100 % stays visible
-    right.plot(steps, nan(d.safety_norm), color="tab:red", label="‖s_g·γ‖ (SLD)")
+    title = "latent elements the edit keeps" if d.sega else "latent elements with μ > 0"
+    left.set(title=title, xlabel="step", ylabel="%", ylim=(-3, 103))  # 100 % stays visible
+    right.plot(steps, nan(d.safety_norm), color="tab:red", label="‖γ̂‖ (SEGA)" if d.sega else "‖s_g·γ‖ (SLD)")
     right.plot(steps, nan(d.cfg_norm), color="tab:blue", label="‖s_g·(ε_p − ε_∅)‖ (CFG)")
     right.set(title="guidance terms", xlabel="step", ylabel="norm")
     right.legend(loc="best", fontsize="small")
+    idle = 0 if not d.safety else len(steps) if d.first is None else d.first  # the steps before it acted
     for ax in (left, right):
-        if d.warmup > 0 and len(steps):
-            ax.axvspan(-0.5, min(d.warmup, len(steps)) - 0.5, color="0.9", zorder=0)  # warm-up: γ not applied
+        if idle > 0:
+            ax.axvspan(-0.5, idle - 0.5, color="0.9", zorder=0)  # warm-up: the safety term not applied
     return fig

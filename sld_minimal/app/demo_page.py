@@ -21,20 +21,22 @@ import matplotlib  # noqa: E402,F401  (demo.plot draws with it: missing, the com
 from ..loading import model_path  # noqa: E402
 from .common import DEFAULT_WEIGHTS, UsageError, download, pick_device, pick_dtype, writable_folder  # noqa: E402
 from .demo import (AWAY, CUSTOM, LABELS, MAX_STEPS, PRESET_CHOICES, SLD_FIELDS, TOWARD, Demo,  # noqa: E402
-                   FieldError, plot, preset_values, random_seed)
+                   FieldError, plot, preset_values, random_seed, value_labels)
 from ..schedulers import SAMPLERS  # noqa: E402
 
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial",
                 "sans-serif"]
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
-IMAGE_HEIGHT = 300  # px of each image box
+IMAGE_HEIGHT = 240  # px of each image box: Compare, the status and all four images fit a 1280×720 window
+# the value fields' spin-button steps (custom); precision None keeps each value exact (0.025 stays 0.025)
+STEPS = {"scale": 100, "warmup": 1, "threshold": 0.005, "momentum_scale": 0.1, "momentum_beta": 0.1}
 # small images (the tiny model makes 32 px ones) fill their boxes, one block per pixel
 CSS = ".result img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 INTRO = """# Safe Latent Diffusion: SD and SLD side by side
-Model: `{model}`. **Compare** runs plain Stable Diffusion and SLD (Schramowski et al., CVPR 2023) with the same seed
-and settings; the SEGA edit, if any, applies to both sides. The heat map marks, per latent pixel, the share of
-steps where SLD acted (μ > 0 in some channel, from the warm-up δ on); the plots show the SLD run step by step."""
+Model: `{model}`. **Compare** runs plain Stable Diffusion and SLD (Schramowski et al., CVPR 2023; `sega-*`: SEGA as the
+safety method) with the same seed and settings; a SEGA edit applies to both sides. The heat map marks, per latent
+pixel, the share of steps where the safety term acted (from its warm-up δ on); the plots show its run step by step."""
 
 
 def one_line(error: Exception) -> str:
@@ -61,8 +63,16 @@ def _cleared(status: str) -> tuple:
 
 
 def preset_fields(name: str) -> list:
-    """The five SLD fields for a chosen preset: its values, editable only with `custom`."""
-    return [gr.Number(value=v, interactive=name == CUSTOM) for v in preset_values(name).values()]
+    """The five value fields for a chosen preset: its values and labels (SEGA's for `sega-*`), editable only with
+    `custom`."""
+    return [gr.Number(value=v, label=label, interactive=name == CUSTOM)
+            for v, label in zip(preset_values(name).values(), value_labels(name))]
+
+
+def _value_field(key: str, value) -> gr.Number:
+    """One of the five value fields, wide enough for any preset's value in full (three to a row)."""
+    return gr.Number(value, label=LABELS[key], interactive=False, min_width=120, step=STEPS[key],
+                     precision=0 if key == "warmup" else None, elem_id=f"value-{key}")
 
 
 def _result(label: str, elem_id: str) -> gr.Image:
@@ -83,13 +93,19 @@ def build(demo: Demo) -> gr.Blocks:
                 f["prompt"] = gr.Textbox(d["prompt"], label=LABELS["prompt"], lines=2, elem_id="prompt")
                 f["negative_prompt"] = gr.Textbox(d["negative_prompt"], label=LABELS["negative_prompt"])
                 f["preset"] = gr.Dropdown(PRESET_CHOICES, value=d["preset"], label=LABELS["preset"],
-                                          elem_id="preset", info="off: both sides plain SD; custom: the values below")
-                with gr.Accordion("SLD values and concept", open=False):
-                    with gr.Row():
-                        for k in SLD_FIELDS:
-                            f[k] = gr.Number(d[k], label=LABELS[k], interactive=False, min_width=90)
+                                          elem_id="preset", info="off: both sides plain SD; sega-*: SEGA as the "
+                                          "safety method; custom: SLD with the values below")
+                with gr.Row():  # Compare and its status above the settings: in view beside the images
+                    run = gr.Button("Compare", variant="primary", elem_id="compare")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                status = gr.Textbox(label="Status", interactive=False, elem_id="status", lines=2)
+                with gr.Accordion("Safety values and concept", open=True):
+                    for keys in (SLD_FIELDS[:3], SLD_FIELDS[3:]):
+                        with gr.Row():
+                            for k in keys:
+                                f[k] = _value_field(k, d[k])
                     f["concept"] = gr.Textbox(d["concept"], label=LABELS["concept"], lines=3,
-                                              info="the text SLD steers away from (the paper's by default)")
+                                              info="the text the safety term steers away from (the paper's by default)")
                 with gr.Row():
                     f["seed"] = gr.Number(d["seed"], label=LABELS["seed"], elem_id="seed")
                     dice = gr.Button("Random seed", size="sm")
@@ -101,7 +117,7 @@ def build(demo: Demo) -> gr.Blocks:
                 with gr.Row():
                     f["width"] = gr.Number(d["width"], label=LABELS["width"], elem_id="width")
                     f["height"] = gr.Number(d["height"], label=LABELS["height"], elem_id="height")
-                with gr.Accordion("SEGA edit (optional; on both sides)", open=False):
+                with gr.Accordion("SEGA edit (optional; on both sides; not with sega-*)", open=False):
                     f["edit_concept"] = gr.Textbox(d["edit_concept"], label=LABELS["edit_concept"],
                                                    placeholder="e.g. smiling; empty: no edit")
                     f["edit_direction"] = gr.Radio([TOWARD, AWAY], value=d["edit_direction"],
@@ -109,10 +125,6 @@ def build(demo: Demo) -> gr.Blocks:
                     with gr.Row():
                         for k in ("edit_scale", "edit_threshold", "edit_warmup"):
                             f[k] = gr.Number(d[k], label=LABELS[k], min_width=90)
-                with gr.Row():
-                    run = gr.Button("Compare", variant="primary", elem_id="compare")
-                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                status = gr.Textbox(label="Status", interactive=False, elem_id="status", lines=2)
             with gr.Column(scale=3):
                 with gr.Row():
                     sd, sld = _result("Plain SD", "sd-image"), _result("SLD", "sld-image")
@@ -121,8 +133,8 @@ def build(demo: Demo) -> gr.Blocks:
                     sld_file = gr.DownloadButton("Download SLD PNG", interactive=False, elem_id="sld-download")
                 with gr.Row():
                     diff = _result("|SD − SLD| per pixel (scaled to its maximum)", "difference")
-                    heat = _result("Where SLD acted (red: share of steps, per latent pixel)", "heat")
-                curves = gr.Plot(label="SLD per step", show_label=False, format="png", elem_id="plot")
+                    heat = _result("Where the safety term acted (red: share of steps)", "heat")
+                curves = gr.Plot(label="The safety term per step", show_label=False, format="png", elem_id="plot")
 
         keys = {component: key for key, component in f.items()}
 
