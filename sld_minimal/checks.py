@@ -6,9 +6,24 @@ functions return plain Python values.
 """
 import dataclasses
 import math
+import os
+import sys
+import warnings
 
 import numpy as np
 import torch
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn(message: str, category=UserWarning):
+    """`warnings.warn` attributed to the caller's own code: the first frame outside this package and torch (whose
+    `no_grad` wraps the pipeline's call), so a warning points at the line that asked for the work."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: the caller of warn()
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                 or f"{os.sep}torch{os.sep}" in frame.f_code.co_filename):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)
 
 
 def kind(value) -> str:

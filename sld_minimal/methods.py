@@ -48,6 +48,10 @@ class CFG:
     def conditions(self, step, num_steps, t) -> list:
         return [UNCOND, PROMPT] if self.cfg_on else [PROMPT]
 
+    def applied(self, step) -> list:
+        """Indices of the safety configs / edits whose term enters ε̂ at this step (CFG has none)."""
+        return []
+
     def __call__(self, eps, step, num_steps, t):
         if not self.cfg_on:
             return eps[PROMPT], {}
@@ -82,6 +86,10 @@ class SLD(CFG):
         if not self.cfg_on:
             return []
         return [i for i, c in enumerate(self.safety) if c.momentum_scale != 0 or step >= c.warmup_steps]
+
+    def applied(self, step) -> list:
+        """Indices of the configs whose γ_c enters ε̂ at this step: s_g > 1 and step ≥ δ_c (sld_guidance)."""
+        return [i for i, c in enumerate(self.safety) if self.cfg_on and step >= c.warmup_steps]
 
     def conditions(self, step, num_steps, t) -> list:
         return super().conditions(step, num_steps, t) + _unique(concept(self.safety[i].concept)
@@ -125,6 +133,10 @@ class SEGA(CFG):
         edits = _unique(concept(e.concept) for e in self.edits) if self.cfg_on else []
         return super().conditions(step, num_steps, t) + edits
 
+    def applied(self, step) -> list:
+        """Indices of the edits that act at this step: s_g > 1, step ≥ δ_c and not cooled down (sega_terms)."""
+        return [c for c, e in enumerate(self.edits) if self.cfg_on and step >= e.warmup_steps and not e.cooled(step)]
+
     def term(self, eps, step):
         """γ̂ and the terms, updating the momentum."""
         term, self.momentum, directions = sega_terms(
@@ -157,12 +169,20 @@ class SLDWithSEGA:
     def guidance_scale(self):
         return self.sld.guidance_scale
 
+    @property
+    def cfg_on(self) -> bool:
+        return self.sld.cfg_on
+
     def reset(self):
         self.sld.reset()
         self.sega.reset()
 
     def conditions(self, step, num_steps, t) -> list:
         return _unique(self.sld.conditions(step, num_steps, t) + self.sega.conditions(step, num_steps, t))
+
+    def applied(self, step) -> list:
+        """SLD's applied configs, then SEGA's applied edits numbered after them."""
+        return self.sld.applied(step) + [len(self.sld.safety) + c for c in self.sega.applied(step)]
 
     def __call__(self, eps, step, num_steps, t):
         if not self.sld.computed(step):
@@ -249,7 +269,8 @@ SAFETY_KINDS = (SafetyConfig, SegaSafety)
 def safety_configs(safety, concept_text=None) -> list:
     """The SafetyConfigs that `safety=` names: None or "off" → [], a preset name → its config (names from `PRESETS`;
     a SEGA preset → its `SegaSafety`), a SafetyConfig/SegaSafety or a list of them as given (disabled ones included:
-    `SLD` drops those). `concept_text` replaces each config's concept (the CLIs' --safety-concept)."""
+    `SLD` drops those). `concept_text` (a text, or a list of texts: one config per text, several concepts) replaces
+    each config's concept (the CLIs' --safety-concept, repeatable)."""
     if isinstance(safety, str):
         key = safety.strip().lower()
         preset(key)  # a registered name, or the error that lists them
@@ -261,7 +282,17 @@ def safety_configs(safety, concept_text=None) -> list:
         raise TypeError(f"safety must be a preset name, a SafetyConfig, a list of them or None, not {safety!r}")
     if sum(isinstance(c, SegaSafety) for c in configs) > 1:
         raise ValueError("safety takes one SEGA safety config at most (its edit has the one SEGA momentum)")
-    return configs if concept_text is None else [_with_concept(c, concept_text) for c in configs]
+    if concept_text is None:
+        return configs
+    texts = [concept_text] if isinstance(concept_text, str) else list(concept_text)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"concept_text must be a text or a non-empty list of texts, not {concept_text!r}")
+    if len(set(texts)) < len(texts):
+        raise ValueError(f"the safety concept {next(t for t in texts if texts.count(t) > 1)!r} is given twice")
+    if len(texts) > 1 and any(isinstance(c, SegaSafety) for c in configs):
+        raise ValueError("a SEGA safety preset takes one safety concept (its one reversed edit has the one SEGA "
+                         "momentum); give one concept, or use an SLD preset for several")
+    return [_with_concept(c, t) for c in configs for t in texts]
 
 
 def build(safety=None, edits=(), guidance_scale=7.5, edit_momentum_scale=0.1, edit_momentum_beta=0.4):
@@ -280,6 +311,25 @@ def build(safety=None, edits=(), guidance_scale=7.5, edit_momentum_scale=0.1, ed
     else:
         return sld if sld.safety else CFG(guidance_scale)
     return SLDWithSEGA(sld, sega) if sld.safety else sega  # SLD with no enabled config adds nothing
+
+
+def never_acts(method, num_steps: int):
+    """Why a method's safety and edit terms enter ε̂ at none of a run's `num_steps` loop iterations (the sampler's
+    `len(timesteps)`: PNDM makes 51 for 50 steps), as one sentence; None when some term acts, when the method has
+    no such term (plain CFG), or when it has no `applied(step)` to ask (a caller's own method)."""
+    if type(method) is CFG or isinstance(method, FunctionSLD) or not callable(getattr(method, "applied", None)):
+        return None
+    if any(method.applied(step) for step in range(num_steps)):
+        return None
+    if not getattr(method, "cfg_on", True):
+        return (f"guidance scale s_g = {method.guidance_scale} <= 1 turns classifier-free guidance off, and with "
+                f"it every safety and edit term: the images are plain SD's")
+    parts = [method.sld, method.sega] if isinstance(method, SLDWithSEGA) else [method]
+    warmups = sorted({x.warmup_steps for m in parts for x in [*getattr(m, "safety", []), *getattr(m, "edits", [])]})
+    if warmups and warmups[0] >= num_steps:
+        return (f"the safety guidance never acts: its warm-up (δ = {', '.join(map(str, warmups))}) is not shorter "
+                f"than the run's {num_steps} sampling iterations, so the images are plain SD's")
+    return "no safety or edit term acts at any step of this run (each edit is cooled down before its warm-up ends)"
 
 
 def _sld_preset(config):

@@ -141,5 +141,7 @@ def render(settings: dict) -> str:
         lines.append(f"Edit: {'-' if e['reverse'] else '+'}{_one_line(e['concept'])} (scale {e['scale']}, threshold "
                      f"{e['threshold']}, warmup {e['warmup_steps']}, cooldown {e['cooldown_steps']}, "
                      f"weight {e['weight']})")
+    if s.get("never_acts"):  # settings of format 2 from before this key have none
+        lines.append(f"Never acted: {_one_line(s['never_acts'])}")
     lines.append(f"Model: {s['model']}, sld_minimal {s['version']}")
     return "\n".join(lines)

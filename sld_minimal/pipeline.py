@@ -11,14 +11,13 @@ their estimates (guidance.py holds the math), and the sampler (schedulers.py) ta
 import dataclasses
 import random
 import re
-import warnings
 
 import numpy as np
 import torch
 
 from . import methods, schedulers, speedups
 from ._version import __version__
-from .checks import device as check_device, dtype as check_dtype, integer, kind, number
+from .checks import device as check_device, dtype as check_dtype, integer, kind, number, warn
 from .conditions import PROMPT, UNCOND, concept_text
 from .guidance import PRESETS as SAFETY_PRESETS, Edit
 from .loading import load_model
@@ -92,16 +91,18 @@ class StableDiffusion:
         return self.unet.conv_in.weight.dtype
 
     @torch.no_grad()
-    def encode_prompt(self, prompts) -> torch.Tensor:
-        """Prompts → CLIP's last hidden state (B, 77, d), d = 768 for SD 1.4."""
+    def encode_prompt(self, prompts, what="prompt") -> torch.Tensor:
+        """Prompts → CLIP's last hidden state (B, 77, d), d = 768 for SD 1.4. `what` names the text in the
+        truncation warning."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        ids = tokenize(self.tokenizer, prompts).to(self.device)
+        ids = tokenize(self.tokenizer, prompts, what=what).to(self.device)
         return self.text_encoder(ids).to(self.dtype)
 
-    def encode_concept(self, text: str) -> torch.Tensor:
+    def encode_concept(self, text: str, what="concept") -> torch.Tensor:
+        """A concept's embedding (1, 77, d), encoded once per pipeline (so a long one is warned about once)."""
         if text not in self._concepts:
-            self._concepts[text] = self.encode_prompt([text])
-        return self._concepts[text]  # (1, 77, d)
+            self._concepts[text] = self.encode_prompt([text], what)
+        return self._concepts[text]
 
     @torch.no_grad()
     def decode(self, latents) -> torch.Tensor:
@@ -155,11 +156,14 @@ class StableDiffusion:
             seed, generator)
         prompts = list(prompts)
         if self.vocabulary is not None and (unknown := self._unknown_words(prompts + negatives)):
-            warnings.warn(f"words this model never saw (outside its vocabulary): {', '.join(unknown)}", stacklevel=3)
+            warn(f"words this model never saw (outside its vocabulary): {', '.join(unknown)}")
         method, configs = self._method(method, safety, edits, guidance, guidance_scale, edit_momentum_scale,
                                        edit_momentum_beta)
         sampler = scheduler if isinstance(scheduler, schedulers.Sampler) else schedulers.from_config(
             self.scheduler_config, scheduler, num_inference_steps, **({"eta": eta} if eta else {}))
+        idle = methods.never_acts(method, len(sampler.timesteps))  # e.g. every δ ≥ the loop's iterations
+        if idle:
+            warn(idle)
 
         n = num_images
         embeddings = {}
@@ -169,10 +173,12 @@ class StableDiffusion:
                 if name == PROMPT:
                     embeddings[name] = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
                 elif name == UNCOND:
-                    embeddings[name] = self.encode_prompt(negatives).repeat_interleave(n, dim=0)
+                    embeddings[name] = self.encode_prompt(negatives, "negative prompt").repeat_interleave(n, dim=0)
                 else:
-                    embeddings[name] = self.encode_concept(concept_text(name)).expand(
-                        len(prompts) * n, -1, -1)
+                    text = concept_text(name)
+                    what = ("safety concept" if text in {c.concept for c in configs or []} else
+                            "edit concept" if text in {e.concept for e in edits} else "concept")
+                    embeddings[name] = self.encode_concept(text, what).expand(len(prompts) * n, -1, -1)
             return embeddings[name]
 
         if generator is None:  # a caller's generator is used as is (its stream continues across calls)
@@ -199,7 +205,8 @@ class StableDiffusion:
         steps = getattr(sampler, "num_inference_steps", len(sampler.timesteps))  # an object: its own count
         described = None if configs is not None and not isinstance(method, methods.FunctionSLD) else method
         settings = [self._settings(prompts[k // n], negatives[k // n], seed, steps, guidance_scale, name, eta,
-                                   height, width, configs or [], edits, described, (k, total)) for k in which]
+                                   height, width, configs or [], edits, described, (k, total)) | {"never_acts": idle}
+                    for k in which]
         return Output(images=images, latents=latents, seed=seed, settings=settings)
 
     def _method(self, method, safety, edits, guidance, guidance_scale, edit_momentum_scale, edit_momentum_beta):
@@ -216,12 +223,9 @@ class StableDiffusion:
         configs = methods.safety_configs(safety, self.safety_concept if isinstance(safety, str) else None)
         if not all(isinstance(e, Edit) for e in edits):
             raise TypeError("edits must be guidance.Edit objects")
-        if configs and guidance_scale <= 1.0:
-            warnings.warn("guidance_scale <= 1 turns classifier-free guidance off, and with it SLD", stacklevel=3)
         if guidance is not None:
-            warnings.warn("guidance= is deprecated: pass a method object, e.g. method=methods.FunctionSLD(fn, "
-                          "safety, guidance_scale), or write your own (sld_minimal/methods.py)", DeprecationWarning,
-                          stacklevel=3)
+            warn("guidance= is deprecated: pass a method object, e.g. method=methods.FunctionSLD(fn, "
+                 "safety, guidance_scale), or write your own (sld_minimal/methods.py)", DeprecationWarning)
             if len(configs) != 1 or edits:
                 raise ValueError("guidance= replaces SLD's combination for one safety config, without edits")
             if not configs[0].enabled or guidance_scale <= 1.0:

@@ -20,11 +20,11 @@ it from a temporary folder. A caller's own tokenizer folder (`tokenizer=` / `--t
 import gzip
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
+from .checks import warn
 from .weights import WeightsError
 
 BPE_FILE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
@@ -125,14 +125,15 @@ def clip_tokenizer():
         return load_tokenizer(write_clip_tokenizer(tmp))
 
 
-def tokenize(tokenizer, prompts: list[str], max_length: int = 77) -> torch.Tensor:
+def tokenize(tokenizer, prompts: list[str], max_length: int = 77, what: str = "prompt") -> torch.Tensor:
     """Prompts -> (B, 77) int64 ids: <|startoftext|> ... <|endoftext|>, padded with the tokenizer's pad token
-    (SD 1.4's is <|endoftext|>) and truncated. Truncation is announced with the words it drops."""
+    (SD 1.4's is <|endoftext|>) and truncated. Truncation is announced in one line naming the text (`what`: "prompt",
+    "negative prompt", "safety concept", ...) and the words it drops."""
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
     for prompt in prompts:
         full = tokenizer(prompt, truncation=False, verbose=False).input_ids  # with start and end tokens
         if len(full) > max_length:
             dropped = tokenizer.decode(full[max_length - 1:-1])
-            warnings.warn(f"prompt is longer than {max_length} tokens; CLIP only sees the start, this part is dropped: {dropped!r}",
-                          stacklevel=3)
+            warn(f"the {what} is longer than {max_length} tokens; CLIP sees only its start, this part is dropped: "
+                 f"{dropped!r}")
     return ids

@@ -262,12 +262,6 @@ def test_every_parser_refuses_a_repeated_value_flag_and_repeatable_flags_say_so(
      "argument --seed: given twice (1, then 2); only one value is taken (see `sld-minimal generate --help`)"),
     (["generate", "x", "--safety", "off", "--safety", "MAX"],
      "argument --safety: given twice ('off', then 'max'); only one value is taken (see `sld-minimal generate --help`)"),
-    (["generate", "x", "--safety-concept", "red", "--safety-concept", "blue"],
-     "argument --safety-concept: given twice ('red', then 'blue'); only one value is taken "
-     "(see `sld-minimal generate --help`)"),
-    (["i2p", "prompts", "--values", "v.txt", "--out", "p.csv", "--template", "a {}", "--template", "the {}"],
-     "argument --template: given twice ('a {}', then 'the {}'); only one value is taken "
-     "(see `sld-minimal i2p prompts --help`)"),
     (["i2p", "generate", "--prompts", "p.csv", "--out", "run", "--batch", "2", "--batch=3"],
      "argument --batch: given twice (2, then 3); only one value is taken (see `sld-minimal i2p generate --help`)"),
     (["toy", "train", "--out", "m", "--seed", "1", "--seed", "1", "--minutes", "1", "--steps", "1"],
@@ -323,3 +317,51 @@ def test_help_shows_every_default():
                 assert f"default: {action.default}" in text, (parser.prog, action.option_strings)
                 seen += 1
     assert seen >= 30
+
+
+# ----------------------------------------------------------------------------- several concepts, notes
+
+def test_two_safety_concepts_are_multi_concept_sld(tiny_ckpt, tmp_path, capsys):
+    """`--safety-concept` twice: one config of the preset's values per concept, bit for bit `safety=[…]`."""
+    import dataclasses
+
+    import numpy as np
+
+    from sld_minimal.guidance import PRESETS
+    from sld_minimal.pipeline import StableDiffusion
+
+    out = tmp_path / "two.png"
+    code, _, err = run(capsys, "generate", "a cat", "--weights", str(tiny_ckpt), "--out", str(out), "--safety", "max",
+                       "--safety-concept", "a dog", "--safety-concept", "the king", *FAST)
+    assert code == 0, err
+    configs = [dataclasses.replace(PRESETS["max"], concept=c) for c in ("a dog", "the king")]
+    ref = StableDiffusion.from_pretrained(tiny_ckpt)("a cat", safety=configs, seed=1, height=32, width=32,
+                                                      num_inference_steps=3, progress=False)
+    assert np.array_equal(np.asarray(Image.open(out)), (ref.images[0] * 255).round().astype(np.uint8))
+    text = Image.open(out).text["parameters"]
+    assert "Safety concept: a dog" in text and "Safety concept: the king" in text
+    for args, message in ((["--safety-concept", "a dog", "--safety-concept", "a dog"],
+                           "--safety-concept: the safety concept 'a dog' is given twice"),
+                          (["--safety", "sega-max", "--safety-concept", "a", "--safety-concept", "b"],
+                           "--safety-concept: a SEGA safety preset takes one safety concept (its one reversed edit "
+                           "has the one SEGA momentum); give one concept, or use an SLD preset for several")):
+        code, _, err = run(capsys, "generate", "a cat", "--weights", str(tiny_ckpt), "--out", str(tmp_path / "x.png"),
+                           *args, *FAST)
+        assert (code, err) == (2, f"sld-minimal: error: {message}\n")
+
+
+def test_notes_are_one_line_each_and_quiet_silences_them(tiny_ckpt, tmp_path):
+    """A run shorter than the preset's warm-up says so once; the tiny vocabulary cuts the paper's concept, which
+    is named; --quiet prints neither (a real process: warnings as the command line prints them)."""
+    argv = [sys.executable, "-m", "sld_minimal", "generate", "a cat", "--weights", str(tiny_ckpt), "--safety", "strong",
+            "--steps", "4", "--height", "16", "--width", "16", "--seed", "0"]
+    loud = subprocess.run(argv + ["--out", str(tmp_path / "a.png")], capture_output=True, text=True)
+    assert loud.returncode == 0, loud.stderr
+    warned = [line for line in loud.stderr.splitlines() if line.startswith("sld-minimal: warning:")]
+    assert len(warned) == 2 and all(line.count("\n") == 0 for line in warned), loud.stderr
+    assert warned[0].startswith("sld-minimal: warning: the safety guidance never acts: its warm-up (δ = 7) is not "
+                                "shorter than the run's 5 sampling iterations")
+    assert warned[1].startswith("sld-minimal: warning: the safety concept is longer than 77 tokens;")
+    quiet = subprocess.run(argv + ["--out", str(tmp_path / "b.png"), "--quiet"], capture_output=True, text=True)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+    assert "Never acted: the safety guidance never acts" in Image.open(tmp_path / "b.png").text["parameters"]

@@ -228,3 +228,59 @@ def test_pipe_takes_a_sega_preset(pipe):
     assert torch.equal(ours.latents, by_hand.latents)
     with pytest.raises(ValueError, match="cannot be combined with edits"):
         pipe("a photo of the cat", safety="sega-max", edits=[Edit("a hat")], **SEGA_KW)
+
+
+# ---------------------------------------------------------------- when a method's terms act
+
+def test_applied_follows_warmup_and_guidance_scale():
+    """γ_c enters ε̂ from step δ_c on, with s_g > 1 (s_m ≠ 0 computes ν during warm-up but applies nothing)."""
+    sld = methods.SLD([NUDITY, DOG], 7.5)                         # δ = 2 and 4, s_m = 0.3 and 0
+    assert [sld.applied(s) for s in range(6)] == [[], [], [0], [0], [0, 1], [0, 1]]
+    assert sld.computed(0) == [0]                                  # ν of NUDITY runs from step 0, unapplied
+    assert methods.SLD([NUDITY], 1.0).applied(5) == []             # s_g ≤ 1: CFG and SLD off
+    sega = methods.SEGA([Edit("a hat", warmup_steps=3, cooldown_steps=5), Edit("a dog", warmup_steps=1)], 7.5)
+    assert [sega.applied(s) for s in range(6)] == [[], [1], [1], [0, 1], [0, 1], [1]]
+    both = methods.SLDWithSEGA(methods.SLD([NUDITY], 7.5), methods.SEGA([Edit("a dog", warmup_steps=1)], 7.5))
+    assert [both.applied(s) for s in range(3)] == [[], [1], [0, 1]]
+    assert methods.CFG(7.5).applied(0) == []
+
+
+@pytest.mark.parametrize("method, n, reason", [
+    (methods.SLD([NUDITY, DOG], 7.5), 2, "warm-up (δ = 2, 4) is not shorter than the run's 2 sampling iterations"),
+    (methods.SLD([NUDITY], 7.5), 3, None),                          # acts at step 2, the last
+    (methods.SLD([NUDITY], 1.0), 50, "guidance scale s_g = 1.0 <= 1 turns classifier-free guidance off"),
+    (methods.SEGA([Edit("a hat", warmup_steps=6)], 7.5), 6, "warm-up (δ = 6) is not shorter than the run's 6"),
+    (methods.SEGA([Edit("a hat", warmup_steps=3, cooldown_steps=2)], 7.5), 9, "cooled down before its warm-up"),
+    (methods.SLDWithSEGA(methods.SLD([DOG], 7.5), methods.SEGA([Edit("a hat", warmup_steps=9)], 7.5)), 4,
+     "warm-up (δ = 4, 9)"),
+    (methods.SLDWithSEGA(methods.SLD([DOG], 7.5), methods.SEGA([Edit("a hat", warmup_steps=1)], 7.5)), 4, None),
+    (methods.CFG(7.5), 1, None),                                     # plain SD has nothing to act
+    (Recorder(methods.SLD([NUDITY], 7.5)), 1, None),                 # a method without applied(): cannot say
+])
+def test_never_acts_names_why(method, n, reason):
+    got = methods.never_acts(method, n)
+    assert got is None if reason is None else reason in got, got
+
+
+def test_several_safety_concepts_from_one_preset():
+    configs = methods.safety_configs("strong", ["a dog", "the king"])
+    assert [c.concept for c in configs] == ["a dog", "the king"]
+    assert all(c.values() == G.PRESETS["strong"].values() for c in configs)
+    with pytest.raises(ValueError, match="^the safety concept 'a dog' is given twice$"):
+        methods.safety_configs("strong", ["a dog", "the king", "a dog"])
+    with pytest.raises(ValueError, match="^a SEGA safety preset takes one safety concept"):
+        methods.safety_configs("sega-strong", ["a dog", "the king"])
+    assert methods.safety_configs("sega-strong", ["a dog"])[0].concept == "a dog"
+
+
+def test_a_run_shorter_than_the_warmup_says_so_and_is_plain_sd(pipe):
+    """PNDM makes 6 loop iterations for 5 steps; strong's δ = 7: the image is plain SD's, warned and recorded."""
+    kw = KW | {"num_inference_steps": 5}
+    with pytest.warns(UserWarning, match=r"warm-up \(δ = 7\) is not shorter than the run's 6 sampling iterations") as w:
+        out = pipe(PROMPT_TEXT, safety="strong", **kw)
+    assert [x.filename for x in w if "never acts" in str(x.message)] == [__file__]  # the caller's line, not torch's
+    assert out.settings[0]["never_acts"].startswith("the safety guidance never acts")
+    assert "Never acted: the safety guidance never acts" in out.parameters[0]
+    assert torch.equal(out.latents, pipe(PROMPT_TEXT, safety=None, **kw).latents)
+    acting = pipe(PROMPT_TEXT, safety="strong", **(KW | {"num_inference_steps": 8}))  # 9 iterations > δ
+    assert acting.settings[0]["never_acts"] is None and "Never acted" not in acting.parameters[0]

@@ -90,3 +90,23 @@ def test_a_vocabulary_must_fit_the_text_encoders_embedding():
         check_vocab_size(CLIP_VOCAB_SIZE, 619, "toy")
     assert str(err.value) == ("the tokenizer has 49408 tokens but the text encoder of toy embeds only 619; pass this "
                               "model's tokenizer (tokenizer= / --tokenizer DIR)")
+
+
+def test_the_truncation_warning_names_the_text_once_per_pipeline(tiny_ckpt):
+    """The tiny model's small vocabulary spells the paper's concept in more than 77 tokens: the warning names the
+    safety concept (which the caller did not write) once for the pipeline, and the prompt or negative prompt it cut,
+    pointing at the caller's line."""
+    from sld_minimal.pipeline import StableDiffusion
+
+    pipe = StableDiffusion.from_pretrained(tiny_ckpt)
+    long = "the cat " * 40
+    kw = dict(seed=0, height=16, width=16, num_inference_steps=8, progress=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pipe("a cat", safety="strong", **kw)
+        pipe("a cat", safety="strong", **kw)
+        pipe(long, negative_prompt=long + "dog", safety=None, **kw)
+    said = [str(x.message).split(";")[0] for x in w]
+    assert said == ["the safety concept is longer than 77 tokens", "the negative prompt is longer than 77 tokens",
+                    "the prompt is longer than 77 tokens"], said  # (ε_∅'s branch is encoded before ε_p's)
+    assert {x.filename for x in w} == {__file__}

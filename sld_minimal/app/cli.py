@@ -24,11 +24,6 @@ def cmd_generate(a):
     from ..pipeline import StableDiffusion, model_size
     from ..single_file import DEFAULTS as SD14_CONFIGS
 
-    if a.quiet:  # nothing but errors: no warnings, no progress, no notes
-        import transformers
-
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
     if a.safety == "off" and a.safety_concept is not None:
         raise UsageError("--safety-concept needs a safety preset (it has no effect with --safety off)")
     if a.eta and a.scheduler != "ddim":
@@ -36,8 +31,12 @@ def cmd_generate(a):
     if a.image_index is not None and a.image_index >= a.num_images:
         raise UsageError(f"--image-index {a.image_index}: a batch of --num-images {a.num_images} has images "
                          f"0 to {a.num_images - 1}")
-    # a preset by name takes the model's own safety concept (the paper's for SD 1.4); --safety-concept replaces it
-    safety = a.safety if a.safety_concept is None else safety_configs(a.safety, a.safety_concept)
+    # a preset by name takes the model's own safety concept (the paper's for SD 1.4); --safety-concept replaces it,
+    # and repeated gives one config of the preset's values per concept (multi-concept SLD)
+    try:
+        safety = a.safety if a.safety_concept is None else safety_configs(a.safety, a.safety_concept)
+    except ValueError as e:
+        raise UsageError(f"--safety-concept: {e}") from None
     if (a.edit or a.edit_away) and a.safety.startswith("sega-"):
         raise UsageError(f"--edit/--edit-away cannot be combined with --safety {a.safety}: the SEGA safety preset is "
                          f"itself an edit and they would share one momentum; use an SLD preset with edits")
@@ -150,8 +149,9 @@ def build_parser() -> Parser:
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--safety", default="medium", type=str.lower, choices=list(PRESETS),
                    help="SLD preset, or SEGA as the safety method (sega-medium|sega-strong|sega-max)")
-    g.add_argument("--safety-concept", type=utf8_text,
-                   help="text of the concept SLD steers away from (default: the paper's)")
+    g.add_argument("--safety-concept", type=utf8_text, action="append",
+                   help="text of the concept SLD steers away from (default: the model's own, else the paper's); "
+                        "several concepts, each with the preset's values (repeatable)")
     g.add_argument("--negative-prompt", type=utf8_text)
     g.add_argument("--steps", type=int_range(1, 999), default=50)
     g.add_argument("--guidance", type=finite_float(0), default=7.5, help="classifier-free guidance scale s_g")
@@ -237,7 +237,13 @@ def main(argv=None) -> int:
         warnings.formatwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
-        args.run(args)
+        with warnings.catch_warnings():
+            if getattr(args, "quiet", False):  # nothing but errors: no warnings, no progress, no notes
+                import transformers
+
+                warnings.simplefilter("ignore")
+                transformers.logging.set_verbosity_error()
+            args.run(args)
         return 0
     except UsageError as e:
         if debug:
