@@ -229,12 +229,20 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"sld-minimal: warning: {' '.join(str(message).split())}\n"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Print a warning on a line of its own, above a progress bar that is being drawn (tqdm.write clears it and
+    draws it again below)."""
+    from tqdm import tqdm
+
+    tqdm.write(_one_line_warning(message, category, filename, lineno).rstrip("\n"), file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
-    formatwarning = warnings.formatwarning
+    formatwarning, showwarning = warnings.formatwarning, warnings.showwarning
     if not debug:
-        warnings.formatwarning = _one_line_warning
+        warnings.formatwarning, warnings.showwarning = _one_line_warning, _show_warning
     try:
         args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
@@ -260,7 +268,7 @@ def main(argv=None) -> int:
         print(f"sld-minimal: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        warnings.formatwarning = formatwarning
+        warnings.formatwarning, warnings.showwarning = formatwarning, showwarning
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 from .. import checks
@@ -77,7 +78,11 @@ def shown_default(value) -> bool:
 
 class HelpWithDefaults(argparse.HelpFormatter):
     """`--help` shows every flag's default: "(default: X)" is added where a flag has one (not None, not an off
-    switch) and its help does not already say "default: …"."""
+    switch) and its help does not already say "default: …". Lines break at spaces only, so a hub id or a path
+    (openai/clip-vit-large-patch14) stays whole."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action):
         text = action.help or ""
