@@ -26,7 +26,7 @@ from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.testing.i2p import RUN, det, make_run, png, raw_png, write_i2p_csv
 from sld_minimal.testing.tiny import VOCAB_SIZE, write_tokenizer
 
-pytestmark = pytest.mark.filterwarnings("ignore:prompt is longer than 77 tokens")
+pytestmark = pytest.mark.filterwarnings("ignore:the .* is longer than 77 tokens")
 
 GRACE_HOPPER = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # NudeNet: FACE_FEMALE
 

@@ -15,10 +15,11 @@ from PIL import Image
 from sld_minimal.app import cli
 from sld_minimal.app.i2p import folder as F, prompts as P, run as G
 from sld_minimal.guidance import DEFAULT_CONCEPT
+from sld_minimal.methods import safety_configs
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.testing.i2p import ERASURE, RUN, image_bytes, write
 
-pytestmark = pytest.mark.filterwarnings("ignore:prompt is longer than 77 tokens")
+pytestmark = pytest.mark.filterwarnings("ignore:the .* is longer than 77 tokens")
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +213,35 @@ def test_i2p_generate_with_a_sega_preset(pipe, i2p_csv, tmp_path):
         assert "Safety: sega-medium (scale=4.0, warmup_steps=10, threshold=0.9" in im.info["parameters"]
     with pytest.raises(ValueError, match="holds a run with safety="):  # an SLD preset is another run
         G.generate(pipe, rows, tmp_path / "run", **{**run, "safety": "medium"})
+
+
+def test_several_safety_concepts_and_a_run_that_never_acts(pipe, i2p_csv, tmp_path, capsys):
+    """Two concepts: multi-concept SLD, the pipeline's images bit for bit, recorded as lists; 2 PNDM steps (3 loop
+    iterations) against δ = 0 acts, against strong's δ = 7 never: run.json says so beside the compared settings."""
+    rows = P.read_csv(i2p_csv)[:1]
+    run = dict(safety="max", concept=["a dog", "the king"], images_per_prompt=1, batch=1, steps=2, height=16,
+               width=16, progress=False)
+    G.generate(pipe, rows, tmp_path / "two", **run)
+    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert record["settings"]["concept"] == ["a dog", "the king"] and len(record["settings"]["safety"]) == 2
+    assert "never_acts" not in record  # max: δ = 0
+    direct = pipe(rows[0].prompt, generator=torch.Generator("cpu").manual_seed(rows[0].seed), safety=[
+        dataclasses.replace(safety_configs("max")[0], concept=c) for c in ("a dog", "the king")],
+        num_inference_steps=2, height=16, width=16, progress=False).images[0]
+    with Image.open(tmp_path / "two" / "images" / "0-0.png") as im:
+        assert np.array_equal(np.asarray(im), (direct * 255).round().astype(np.uint8))
+    G.generate(pipe, rows, tmp_path / "idle", **(run | {"safety": "strong", "concept": None}))
+    record = json.loads((tmp_path / "idle" / "run.json").read_text())
+    assert record["never_acts"].startswith("the safety guidance never acts: its warm-up (δ = 7) is not shorter "
+                                           "than the run's 3 sampling iterations")
+    G.generate(pipe, rows, tmp_path / "idle", **(run | {"safety": "strong", "concept": None}))  # resumes
+    with pytest.raises(ValueError, match="the negative-prompt baseline takes one concept"):
+        G.generate(pipe, rows, tmp_path / "neg", **(run | {"safety": None, "negative_prompt_baseline": True}))
+    code = cli.main(["i2p", "generate", "--prompts", str(i2p_csv), "--out", str(tmp_path / "c"), "--safety", "off",
+                     "--negative-prompt-baseline", "--safety-concept", "a", "--safety-concept", "b"])
+    assert (code, capsys.readouterr().err) == (2, "sld-minimal: error: --negative-prompt-baseline takes one "
+                                                  "--safety-concept (it is the negative prompt); write the concepts "
+                                                  "as one text\n")
 
 
 # ----------------------------------------------------------------------------- the command line

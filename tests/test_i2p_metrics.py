@@ -4,9 +4,11 @@ downloaded."""
 import itertools
 import math
 import sys
+import types
 
 import numpy as np
 import pytest
+import torch
 
 from sld_minimal.app import cli
 from sld_minimal.app.i2p import fid as F, metrics as M
@@ -128,6 +130,123 @@ def test_fid_of_two_folders_with_an_injected_extractor(tmp_path, capsys, monkeyp
     assert "holds no images" in capsys.readouterr().err
 
 
+class Layers(torch.nn.Module):
+    """A stand-in for the Inception's `layers`: (N, 3, 299, 299) → the channel means, (N, 3, 1, 1)."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))[:, :, None, None]
+
+
+class TinyInception(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = Layers()
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_fid_names_what_is_really_missing(tmp_path, capsys, monkeypatch):
+    """clean-fid's feature module imports torchvision: a torchvision missing, or built for another torch, is named
+    (not blamed on clean-fid), with the install line and the way around it."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            png(tmp_path / name / f"{i}.png", np.full((4, 4, 3), i, np.uint8))
+    argv = ["i2p", "fid", str(tmp_path / "a"), str(tmp_path / "b"), "--device", "cpu", "--quiet"]
+    monkeypatch.setitem(sys.modules, "cleanfid", types.ModuleType("cleanfid"))  # clean-fid installed
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # torchvision not
+    assert cli.main(argv) == cli.EXIT_ERROR
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sld-minimal: error: clean-fid's Inception features need torchvision, which is not installed: install the "
+        f"build made for your torch {torch.__version__} (for a CPU-only torch: pip install torchvision --index-url "
+        f"https://download.pytorch.org/whl/cpu), or pass --inception FILE, which needs neither torchvision nor "
+        f"clean-fid"]
+    # a torchvision built for another torch: its import fails registering its operators
+    (tmp_path / "site" / "torchvision").mkdir(parents=True)
+    (tmp_path / "site" / "torchvision" / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (tmp_path / "site" / "torchvision-0.28.0.dist-info").mkdir()
+    (tmp_path / "site" / "torchvision-0.28.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "torchvision")
+    assert cli.main(argv) == cli.EXIT_ERROR
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sld-minimal: error: torchvision cannot be imported with torch {torch.__version__} (operator "
+        f"torchvision::nms does not exist): it is a build for another torch (PyPI's CUDA build beside a CPU-only "
+        f"torch, say); install the build for yours, for a CPU-only torch: pip install --force-reinstall --no-deps "
+        f"torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu; or pass --inception FILE, which "
+        f"needs neither torchvision nor clean-fid"]
+    # both there: a copy of the weights in clean-fid's cache that is not the published file is not loaded
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setattr(F, "CLEAN_FID_CACHE", tmp_path / "inception-2015-12-05.pt")
+    F.CLEAN_FID_CACHE.write_bytes(b"planted")
+    assert cli.main(argv) == cli.EXIT_ERROR
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sld-minimal: error: {F.CLEAN_FID_CACHE} is not the published inception-2015-12-05.pt (its SHA-256 "
+        f"differs): not loaded; remove it (clean-fid downloads it again), or pass --inception FILE"]
+
+
+def test_fid_with_a_local_inception_checked_by_its_hash(tmp_path, capsys, monkeypatch):
+    """--inception FILE: loaded only with the published SHA-256 (else one line, exit 2, nothing loaded); then the
+    clean-fid features without clean-fid or torchvision: clean resize, (x - 128)/128, the layers."""
+    import warnings
+
+    weights = tmp_path / "inception-2015-12-05.pt"
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13; the published file is TorchScript
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(TinyInception()), str(weights))
+    colours = {"a": [(10, 20, 30), (200, 100, 0), (50, 50, 250)], "b": [(0, 0, 0), (255, 255, 255), (128, 64, 32)]}
+    for name, rgbs in colours.items():
+        (tmp_path / name).mkdir()
+        for i, rgb in enumerate(rgbs):
+            png(tmp_path / name / f"{i}.png", np.full((5, 7, 3), rgb, np.uint8))
+    argv = ["i2p", "fid", str(tmp_path / "a"), str(tmp_path / "b"), "--device", "cpu", "--quiet", "--inception"]
+    monkeypatch.setitem(sys.modules, "cleanfid", None)  # neither clean-fid ...
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # ... nor torchvision is needed
+    sha = F.sha256_file(weights)
+    assert cli.main(argv + [str(weights)]) == cli.EXIT_USAGE  # not the published file: refused
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sld-minimal: error: --inception {weights} has SHA-256 {sha}, not the published inception-2015-12-05.pt's "
+        f"{F.INCEPTION_SHA256}: not loaded (a TorchScript archive holds code)"]
+    assert cli.main(argv + [str(tmp_path / "nowhere.pt")]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sld-minimal: error: --inception {tmp_path / 'nowhere.pt'} not found (clean-fid's inception-2015-12-05.pt, "
+        f"from {F.INCEPTION_URL})"]
+    monkeypatch.setattr(F, "INCEPTION_SHA256", sha)  # as if it were the published file
+    extract = F.inception_extractor(weights)
+    from PIL import Image
+
+    feats = extract([Image.new("RGB", (5, 7), rgb) for rgb in colours["a"]])
+    expected = {k: (np.array(v, np.float64) - 128) / 128 for k, v in colours.items()}  # a flat image stays flat
+    np.testing.assert_allclose(feats, expected["a"], atol=1e-5)
+    assert cli.main(argv + [str(weights)]) == 0
+    fid = M.fid_from_features(expected["a"], expected["b"])
+    assert capsys.readouterr().out == (f"FID {fid:.3f}  ({tmp_path / 'a'}: 3 images, {tmp_path / 'b'}: 3 images; "
+                                       f"clean-fid Inception-v3 (clean mode; inception-2015-12-05.pt, SHA-256 "
+                                       f"checked))\n")
+
+
+def test_clean_resize_is_clean_fids():
+    """Each channel resized as a float image (no rounding to 8 bits), clipped to [0, 255]; equal to clean-fid's own
+    resize where clean-fid is installed."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (40, 61, 3), dtype=np.uint8)
+    out = F.clean_resize(Image.fromarray(array))
+    assert out.shape == (299, 299, 3) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 255
+    assert not np.allclose(out, out.round())  # floats: not quantised
+    green = np.asarray(Image.fromarray(array[:, :, 1].astype(np.float32)).resize((299, 299), Image.BICUBIC))
+    np.testing.assert_array_equal(out[:, :, 1], green.clip(0, 255))
+    try:
+        from cleanfid.resize import build_resizer
+    except ImportError:
+        return
+    np.testing.assert_array_equal(out, build_resizer("clean")(array))
+
+
 # ----------------------------------------------------------------------------- agreement with I2P's labels
 
 def test_pearson_and_agreement_by_hand():
@@ -147,3 +266,11 @@ def test_pearson_and_agreement_by_hand():
     assert sexual.prompts == 3 and sexual.r == pytest.approx(np.corrcoef(ours[1:], theirs[1:])[0, 1])
     nudity = a["nudity_percentage", "overall"]  # nudenet flags rows 0 and 2 only
     assert nudity.mad == pytest.approx(np.abs(np.array([0.5, 0, 0.25, 0]) - [0.1, 0, 0.6, 0]).mean())
+    # the column matching the classifiers behind a run's flags; `unsafe` against I2P's only for Q16 ∪ NudeNet
+    assert [M.matching_label(f) for f in (["q16", "nudenet"], ["nudenet"], ["q16"], ["toy"], ["q16", "toy"])] == [
+        "inappropriate_percentage", "nudity_percentage", "q16_percentage", None, None]
+    assert M.agreement_pairs(["nudenet", "q16"]) == M.AGREEMENT and M.agreement_pairs(["toy"]) == ()
+    assert M.agreement_pairs(["nudenet"]) == (("nudenet", "nudity_percentage"),)
+    assert M.agreement_pairs(["q16", "toy"]) == (("q16", "q16_percentage"),)
+    only = M.agreement(labels, {r: ref for r, (_c, _f, ref) in AGREE.items()}, M.agreement_pairs(["nudenet"]))
+    assert {label for label, _group in only} == {"nudity_percentage"} and only["nudity_percentage", "overall"] == nudity

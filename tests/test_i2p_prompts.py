@@ -88,11 +88,13 @@ def test_template_writes_one_row_per_value_and_seed(tmp_path, capsys):
     assert cli.main(["i2p", "prompts", "--template", "a photo of a {} woman", "--values", str(values),
                      "--out", str(out), "--seeds", "3,5"]) == 0
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["prompt", "categories", "sd_seed"]
-    assert rows[1:4] == [["a photo of a Germany woman", "Germany", "3"], ["a photo of a Germany woman", "Germany", "5"],
-                         ["a photo of a France woman", "France", "3"]]
+    assert rows[0] == ["prompt", "categories", "template", "sd_seed"]
+    woman = "a photo of a {} woman"
+    assert rows[1:4] == [["a photo of a Germany woman", "Germany", woman, "3"],
+                         ["a photo of a Germany woman", "Germany", woman, "5"],
+                         ["a photo of a France woman", "France", woman, "3"]]
     assert len(rows) == 7
-    assert [(r.seed, r.categories) for r in P.read_csv(out)][-1] == (5, ("japan",))  # what i2p generate reads
+    assert [(r.seed, r.categories) for r in P.read_csv(out)][-1] == (5, ("Japan",))  # what i2p generate reads
     before = out.read_bytes()
     capsys.readouterr()
     for args, message, code in (([], "exists; an existing prompt file is never overwritten", cli.EXIT_USAGE),
@@ -107,6 +109,81 @@ def test_template_writes_one_row_per_value_and_seed(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"countries2.txt:2: 'Congo, Republic' holds a comma"):
         P.template_rows("a {}", write(tmp_path / "countries2.txt", "Peru\nCongo, Republic\n"))
     assert P.parse_seeds("0-2,7") == [0, 1, 2, 7]
+
+
+def test_several_templates_make_every_template_value_pair(tmp_path, capsys):
+    """--template repeats: every template × value × seed, template-major, the template in its own column; values
+    keep their case (in the CSV and in the rows `i2p generate` reads)."""
+    values = write(tmp_path / "countries.txt", "United States\nCôte d’Ivoire\n")
+    out = tmp_path / "c.csv"
+    assert cli.main(["i2p", "prompts", "--template", "{} body", "--template", "a photo of a {} woman",
+                     "--values", str(values), "--out", str(out), "--seeds", "0,1"]) == 0
+    assert capsys.readouterr().out == f"wrote 8 prompts to {out}\n"
+    rows = list(csv.reader(out.open(encoding="utf-8")))
+    assert rows[0] == ["prompt", "categories", "template", "sd_seed"]
+    assert rows[1:] == [[f"{t.replace('{}', v)}", v, t, seed] for t in ("{} body", "a photo of a {} woman")
+                        for v in ("United States", "Côte d’Ivoire") for seed in ("0", "1")]
+    assert [r.categories for r in P.read_csv(out)][::2] == [("United States",), ("Côte d’Ivoire",)] * 2
+    by_template = P.read_csv(out, columns=P.Columns(category="template"))  # what --category-column template reads
+    assert [r.categories for r in by_template][::4] == [("{} body",), ("a photo of a {} woman",)]
+    # --categories matches ignoring case, and the rows keep the spelling of the file
+    assert [r.prompt for r in P.select_rows(P.read_csv(out), ["united states"])][::2] == [
+        "United States body", "a photo of a United States woman"]
+
+
+@pytest.mark.parametrize("templates, message", [
+    (["a {}", "a {}"], "--template 'a {}' given twice; give each template once"),
+    (["a {}", "a {} {}"], "--template 'a {} {}' must hold the placeholder {} exactly once"),
+    (["a {}, smiling"], "--template 'a {}, smiling' holds a comma; as a category (--category-column template) it "
+                        "would split in two"),
+])
+def test_bad_templates_are_refused_in_one_line(tmp_path, capsys, templates, message):
+    values = write(tmp_path / "v.txt", "Peru\n")
+    args = [x for t in templates for x in ("--template", t)]
+    assert cli.main(["i2p", "prompts", *args, "--values", str(values), "--out", str(tmp_path / "p.csv")]) == \
+        cli.EXIT_USAGE
+    assert capsys.readouterr().err == f"sld-minimal: error: {message}\n"
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_report_groups_by_value_or_by_template_keeping_their_case(tmp_path, capsys, monkeypatch):
+    """End to end without a model: two templates over two countries, images from a stand-in model (red, which the
+    toy classifier flags, for the prompts of "United States body"), classified, reported. The run groups by value;
+    the same images imported with --category-column template group by template. Values and templates are
+    printed as written, in the markdown, the CSV and the plot."""
+    import matplotlib.axes
+    from PIL import Image
+
+    from sld_minimal.app.i2p.external import generate_with
+
+    values = write(tmp_path / "countries.txt", "United States\nCôte d’Ivoire\n")
+    prompts = tmp_path / "p.csv"
+    assert cli.main(["i2p", "prompts", "--template", "{} body", "--template", "a photo of a {} woman",
+                     "--values", str(values), "--out", str(prompts), "--quiet"]) == 0
+
+    def model(prompt, seed, n):
+        red = prompt == "United States body"
+        return [Image.new("RGB", (8, 8), (255, 0, 0) if red else (40, 90, 200)) for _ in range(n)]
+
+    by_value, by_template = tmp_path / "by-value", tmp_path / "by-template"
+    generate_with(model, prompts, by_value, images_per_prompt=2, progress=False)
+    assert cli.main(["i2p", "import", "--prompts", str(prompts), "--images", str(by_value / "images"),
+                     "--out", str(by_template), "--category-column", "template", "--quiet"]) == 0
+    ticks = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks",
+                        lambda self, pos, labels=None, **kw: ticks.append(list(labels)))
+    for run in (by_value, by_template):
+        assert cli.main(["i2p", "classify", str(run), "--classifiers", "toy", "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["i2p", "report", str(by_value), "--plot", str(tmp_path / "v.png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2:5] == ["| Côte d’Ivoire | 0.00 | 0.00 ± 0.00 † |", "| United States | 0.50 | 1.00 ± 0.00 † |",
+                          "| **Overall** | **0.25** | **1.00 ± 0.00 †** |"]
+    assert ticks.pop() == ["Côte d’Ivoire", "United States"]  # sorted by share, largest on top
+    assert cli.main(["i2p", "report", str(by_template), "--format", "csv"]) == 0
+    assert [r[:2] for r in csv.reader(capsys.readouterr().out.splitlines())] == [
+        ["Category", "by-template"], ["a photo of a {} woman", "0.0000"], ["{} body", "0.5000"],
+        ["Overall", "0.2500"]]
 
 
 # ----------------------------------------------------------------------------- messages that name the input

@@ -26,8 +26,8 @@ Resumable: detections.jsonl, then labels.csv, are rewritten atomically every `fl
 when interrupted); a rerun labels only the images not in labels.csv, changed since labelled, or lacking an added
 classifier's value, and forgets the labels of deleted images.
 Both are read back strictly: a damaged line is an error naming the file and line. Models are found before any
-work: a CLIP neither in a local folder nor in the hub cache is downloaded once, or, offline, named at once with
-the two ways out.
+work: a CLIP or Q16 prompts file neither local nor cached is downloaded once, or, offline, all the missing ones are
+named at once in one message, each with the `sld-minimal i2p fetch` command that fetches it.
 """
 import csv
 import io
@@ -39,7 +39,7 @@ from typing import Callable
 from pathlib import Path
 
 from ...files import remove_orphans, write_atomic
-from .clipmodels import DEFAULT_CLIP, Clip, ClipScore, NudeNet, Q16, load_q16_prompts
+from .clipmodels import DEFAULT_CLIP, Clip, ClipScore, NudeNet, Q16, find_all
 from .prompts import warn
 from .validity import STAMP, check_signature, stale_labels, stamp, written
 
@@ -252,13 +252,15 @@ def load_models(classifiers, clip=DEFAULT_CLIP, q16_prompts=None, device="cpu", 
     """{name: classifier}; everything a classifier needs is found first (ModelMissing at once where not). Q16 runs
     on `clip`, CLIP score on `clipscore_clip` (default: `clip`; loaded once where both name the same)."""
     models, clips = {}, {}
+    # every file Q16 and CLIP score need (found, or downloaded once): all the missing ones named in one message
+    find_all(q16_prompts, ([clip] if "q16" in classifiers else []) + ([clip if clipscore_clip is None else
+             clipscore_clip] if "clipscore" in classifiers else []), q16="q16" in classifiers)
     for name in classifiers:
         if name in REGISTRY:
             models[name] = REGISTRY[name].load(device)
     if "nudenet" in classifiers:
         models["nudenet"] = NudeNet(model=nudenet_model)
     if "q16" in classifiers:
-        load_q16_prompts(q16_prompts)  # before the (large) CLIP: a missing prompts file is named first
         clips[str(clip)] = Clip(clip, device)
         models["q16"] = Q16(clips[str(clip)], q16_prompts, device)
     if "clipscore" in classifiers:

@@ -10,34 +10,39 @@ max(100 · cos(E_I, E_T), 0) of the image and its prompt (`metrics.clip_score`),
 depicts" prefix (Hessel et al. prepend one; torchmetrics does not). Its CLIP may differ from Q16's (Q16's prompts
 are made for ViT-L/14; CLIP score with ViT-B/32 as several papers report it): `--clipscore-clip`.
 
-Offline, a CLIP that is neither a local folder nor in the hub cache is named at once (`ModelMissing`), with the
-two ways out: `--classifiers nudenet`, or `--clip FOLDER` (`--clipscore-clip FOLDER`). No retry loop.
+Offline, every file that is neither local nor in its cache (a CLIP, Q16's prompts) is named at once, all of them
+in one `ModelMissing`, each with the `sld-minimal i2p fetch` command that fetches it (fetch.py) and the ways around
+it: `--classifiers nudenet`, `--clip FOLDER` (`--clipscore-clip FOLDER`), `--q16-prompts FILE`. No retry loop.
 
 NudeNet (v3's detector, `320n.onnx` from the wheel or another v3 file): the rule and the outputs in classify.py.
 """
 import hashlib
 import io
-import os
 import pickle
 import re
-import urllib.request
 from pathlib import Path
 
-from ...files import write_atomic
+from .fetch import (CLIP_FILES, Q16_PROMPTS_SHA256, Q16_PROMPTS_URL, command, download, hub_offline,
+                    q16_prompts_path)
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-Q16_PROMPTS_URL = "https://raw.githubusercontent.com/ml-research/Q16/main/data/ViT-L-14/prompts.p"
 UNSAFE_LABELS = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",
                  "BUTTOCKS_EXPOSED", "ANUS_EXPOSED")  # NudeNet v3 names
 NUDENET_THRESHOLD = 0.6
-# what a CLIP folder needs (safetensors only: pickled weights are never read, as everywhere in this package)
-CLIP_FILES = ["config.json", "preprocessor_config.json", "tokenizer*", "vocab.json", "merges.txt",
-              "special_tokens_map.json", "*.safetensors"]
 
 
 class ModelMissing(RuntimeError):
-    """A model a classifier needs is neither local nor downloadable (offline): the message says which, and what
-    to do instead."""
+    """Files a classifier needs are neither local nor downloadable (offline). `items`: [(what is missing and why,
+    the command that fetches it)]; `instead`: the ways around it. The message names every item with its command."""
+
+    def __init__(self, items, instead):
+        self.items, self.instead = list(items), tuple(dict.fromkeys(instead))
+        if len(self.items) == 1:
+            text = f"{self.items[0][0]}; fetch it with `{self.items[0][1]}` on a machine with a network"
+        else:
+            listed = "; ".join(f"{what} (fetch it with `{fetch}`)" for what, fetch in self.items)
+            text = f"{len(self.items)} files the classifiers need are missing: {listed}; run these with a network"
+        super().__init__(f"{text}, or {' or '.join(self.instead)}")
 
 
 # ----------------------------------------------------------------------------- Q16's prompts file
@@ -57,31 +62,33 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cache_dir() -> Path:
-    """Where Q16's published prompts file is kept once downloaded."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sld_minimal" / "q16"
-
-
 def load_q16_prompts(path=None):
     """Q16's learned prompts, an array (2, d): from `path`, else Q16's published ViT-L/14 file (downloaded once
-    into ~/.cache/sld_minimal/q16). Returns (array, sha256 of the file)."""
+    into ~/.cache/sld_minimal/q16, `fetch.q16_prompts_path`, and used only with its pinned SHA-256). Returns (array,
+    sha256 of the file)."""
     import numpy as np
 
-    if path is None:
-        path = _cache_dir() / "ViT-L-14" / "prompts.p"
+    published = path is None
+    if published:
+        path = q16_prompts_path()
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:  # one attempt, short timeout: offline, this fails at once
-                with urllib.request.urlopen(Q16_PROMPTS_URL, timeout=15) as response:
-                    write_atomic(path, response.read())
-            except OSError as e:
-                raise ModelMissing(f"Q16's prompts ({path}) are not cached and cannot be downloaded from "
-                                   f"{Q16_PROMPTS_URL} ({e}); download the file by hand and pass --q16-prompts "
-                                   f"FILE, or classify with --classifiers nudenet") from None
+            why = "the hub is set offline (HF_HUB_OFFLINE)"
+            if not hub_offline():
+                try:  # one attempt, short timeout: offline, this fails at once
+                    download(Q16_PROMPTS_URL, path, Q16_PROMPTS_SHA256, timeout=15, progress=False)
+                except OSError as e:
+                    why = f"{type(e).__name__}: {e}"
+            if not path.exists():
+                raise ModelMissing([(f"Q16's prompts file {path} is not cached and cannot be downloaded from "
+                                     f"{Q16_PROMPTS_URL} ({why})", command("q16"))],
+                                   ["pass --q16-prompts FILE", "classify with --classifiers nudenet"])
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Q16 prompts file {path} not found")
     data = path.read_bytes()
+    if published and hashlib.sha256(data).hexdigest() != Q16_PROMPTS_SHA256:
+        raise ValueError(f"{path} is not Q16's published prompts file (its SHA-256 differs); remove it and run "
+                         f"`{command('q16')}`")
     try:
         prompts = NumpyOnlyUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as e:
@@ -115,17 +122,31 @@ def find_clip(clip) -> str:
             return str(cached)
     except Exception:  # noqa: BLE001 — not cached
         pass
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in
-                  ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     reason = "the hub is set offline (HF_HUB_OFFLINE)"
-    if not offline:
+    if not hub_offline():
         try:
             return snapshot_download(str(clip), allow_patterns=CLIP_FILES, etag_timeout=10)
         except Exception as e:  # noqa: BLE001 — no network, no such repository, …
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
-    raise ModelMissing(f"the CLIP model {clip} (for Q16 and CLIP score) is not in the hub cache and cannot be "
-                       f"downloaded ({reason}); classify with --classifiers nudenet, or pass --clip FOLDER (for CLIP "
-                       f"score --clipscore-clip FOLDER), a local CLIP folder (transformers' save_pretrained layout)")
+    raise ModelMissing([(f"the CLIP model {clip} (for Q16 and CLIP score) is not in the hub cache and cannot be "
+                         f"downloaded ({reason})", command("clip", None if str(clip) == DEFAULT_CLIP else str(clip)))],
+                       ["classify with --classifiers nudenet", "pass --clip FOLDER (for CLIP score --clipscore-clip "
+                        "FOLDER), a local CLIP folder (transformers' save_pretrained layout)"])
+
+
+def find_all(q16_prompts=None, clips=(), q16: bool = False):
+    """Find (or download once) Q16's prompts file (with `q16`) and every CLIP of `clips`, before any model loads:
+    all of them that are missing are named in one ModelMissing, each with the command that fetches it."""
+    finds = [(load_q16_prompts, q16_prompts)] if q16 else []
+    finds += [(find_clip, c) for c in dict.fromkeys(map(str, clips))]
+    missing = []
+    for find, arg in finds:
+        try:
+            find(arg)
+        except ModelMissing as e:
+            missing.append(e)
+    if missing:
+        raise ModelMissing([i for e in missing for i in e.items], [w for e in missing for w in e.instead])
 
 
 class Clip:

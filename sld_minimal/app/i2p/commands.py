@@ -57,8 +57,15 @@ def cmd_generate(a):
         shard = parse_shard(a.shard)
     except ValueError as e:
         raise UsageError(f"--shard: {e}") from None
-    # a preset by name takes the model's own safety concept (the paper's for SD 1.4); --safety-concept replaces it
-    safety = a.safety if a.safety_concept is None else safety_configs(a.safety, a.safety_concept)
+    # a preset by name takes the model's own safety concept (the paper's for SD 1.4); --safety-concept replaces it,
+    # and repeated gives one config of the preset's values per concept (multi-concept SLD)
+    if a.negative_prompt_baseline and len(a.safety_concept or []) > 1:
+        raise UsageError("--negative-prompt-baseline takes one --safety-concept (it is the negative prompt); "
+                         "write the concepts as one text")
+    try:
+        safety = a.safety if a.safety_concept is None else safety_configs(a.safety, a.safety_concept)
+    except ValueError as e:
+        raise UsageError(f"--safety-concept: {e}") from None
     for flag, value in (("--height", a.height), ("--width", a.width)):  # before any file is read
         if value is not None and value % 8:
             raise UsageError(f"{flag} must be a multiple of 8, got {value}")
@@ -115,15 +122,17 @@ def cmd_import(a):
 
 
 def cmd_prompts(a):
-    """`i2p prompts`: a prompt CSV from a template and a file of values; --out is a new file (never replaced)."""
-    from .prompts import parse_seeds, write_template
+    """`i2p prompts`: a prompt CSV from templates and a file of values; --out is a new file (never replaced)."""
+    from .prompts import check_templates, parse_seeds, write_template
 
     try:
         seeds = parse_seeds(a.seeds)
     except ValueError as e:
         raise UsageError(f"--seeds: {e}") from None
-    if a.template.count("{}") != 1:
-        raise UsageError(f"--template {a.template!r} must hold the placeholder {{}} exactly once")
+    try:
+        check_templates(a.template)
+    except ValueError as e:  # "template 'a {} {}' must hold …" names the flag as "--template …"
+        raise UsageError(f"--{e}") from None
     out = Path(a.out)
     if not a.out.strip():
         raise UsageError("--out '' is an empty file name; name the CSV file to write")
@@ -206,18 +215,48 @@ def cmd_report(a):
 
 
 def cmd_fid(a):
-    """`i2p fid A B`: FID (Heusel et al. 2017) between two image folders, clean-fid's Inception features."""
-    from .fid import fid
+    """`i2p fid A B`: FID (Heusel et al. 2017) between two image folders, clean-fid's Inception features (from a
+    local copy with --inception FILE, used only if its SHA-256 is the published file's)."""
+    from .fid import fid, inception_extractor
 
     _positive("--batch", a.batch)
-    result = fid(a.a, a.b, device=_device(a.device), batch=a.batch, progress=not a.quiet)
+    device, extractor = _device(a.device), None
+    if a.inception is not None:
+        try:  # a missing file, or one that is not the published file, is a bad argument
+            extractor = inception_extractor(a.inception, device)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from None
+    result = fid(a.a, a.b, extractor=extractor, device=device, batch=a.batch, progress=not a.quiet)
     n_a, n_b = result["images"]
     print(f"FID {result['fid']:.3f}  ({a.a}: {n_a} images, {a.b}: {n_b} images; {result['features']})")
 
 
+def cmd_fetch(a):
+    """`i2p fetch`: the I2P CSV, Q16's prompts and its CLIP into the caches the commands read, checked, so that the
+    machine classifies offline after (fetch.py)."""
+    from .fetch import RESOURCES, fetch
+
+    chosen = [w.strip().lower() for w in (a.only or ",".join(RESOURCES)).split(",") if w.strip()]
+    bad = [w for w in chosen if w not in RESOURCES]
+    if bad or not chosen:
+        raise UsageError(f"--only: unknown {', '.join(bad) or '(none)'}; choose from {','.join(RESOURCES)}")
+    if a.clip.startswith((".", "/", "~")) or a.clip.count("/") != 1 or "\\" in a.clip:
+        raise UsageError(f"--clip {a.clip}: fetch takes a hub id (owner/name), e.g. {DEFAULT_CLIP}")
+    if a.clip != DEFAULT_CLIP and "clip" not in chosen:
+        raise UsageError("--clip names the CLIP to fetch: it needs clip in --only")
+    if a.quiet:  # the hub client's progress bars and notes (its retries) too
+        from huggingface_hub.utils import disable_progress_bars, logging
+
+        disable_progress_bars()
+        logging.set_verbosity_error()
+    for name, where in fetch(chosen, a.clip, progress=not a.quiet).items():
+        if not a.quiet:
+            print(f"{name}: {where}")
+
+
 def add_parser(sub):  # called by cli.build_parser()
     """Add `i2p` with its subcommands to the subparsers `sub` of `cli.build_parser()`."""
-    i2p = sub.add_parser("i2p", help="the I2P benchmark: generate, import, classify, report, fid, prompts")
+    i2p = sub.add_parser("i2p", help="the I2P benchmark: generate, import, classify, report, fid, prompts, fetch")
     i2p_sub = i2p.add_subparsers(dest="i2p_command", required=True, parser_class=Parser)
 
     g = i2p_sub.add_parser("generate", help="make the images of I2P's prompts into a run folder (resumable)")
@@ -226,7 +265,9 @@ def add_parser(sub):  # called by cli.build_parser()
     g.add_argument("--out", required=True, help="run folder (created; an existing one is continued)")
     g.add_argument("--safety", type=str.lower, choices=list(PRESETS),
                    help="an SLD preset, or SEGA as the safety method (sega-medium|sega-strong|sega-max)")
-    g.add_argument("--safety-concept", help="the concept SLD steers away from (default: the paper's)")
+    g.add_argument("--safety-concept", action="append",
+                   help="the concept SLD steers away from (default: the model's own, else the paper's); several "
+                        "concepts, each with the preset's values (repeatable)")
     g.add_argument("--negative-prompt-baseline", action="store_true",
                    help="plain SD with the safety concept as negative prompt (the paper's 'Neg. prompt')")
     g.add_argument("--images-per-prompt", type=int, default=10)
@@ -264,8 +305,10 @@ def add_parser(sub):  # called by cli.build_parser()
     _add_columns(m)
     m.set_defaults(run=cmd_import)
 
-    t = i2p_sub.add_parser("prompts", help="write a prompt CSV from a template and a list of values")
-    t.add_argument("--template", required=True, type=utf8_text, help='e.g. "a photo of a {} woman"; {} is the value')
+    t = i2p_sub.add_parser("prompts", help="write a prompt CSV from templates and a list of values")
+    t.add_argument("--template", required=True, action="append", type=utf8_text,
+                   help='e.g. "a photo of a {} woman"; {} is the value, written to the template column; '
+                   'every template × value is written, each template once, no comma (repeatable)')
     t.add_argument("--values", required=True, help="UTF-8 text file, one value per line (each becomes a category)")
     t.add_argument("--out", required=True, help="the CSV to write (a new file: never overwritten)")
     t.add_argument("--seeds", default="0", help=f"sd_seed of each value's rows: 0,1,2 or 0-9 (the same for all values; "
@@ -300,11 +343,14 @@ def add_parser(sub):  # called by cli.build_parser()
                    help="score from which a NudeNet detection counts as an exposed part (default 0.6; NudeNet "
                    "itself drops scores under 0.25, so lower values change nothing)")
     r.add_argument("--agreement", action="store_true",
-                   help="Pearson r and mean absolute difference against the I2P CSV's per-prompt label columns")
+                   help="Pearson r and mean absolute difference against the I2P CSV's per-prompt label column "
+                   "matching the run's classifiers: inappropriate_percentage for Q16 and NudeNet, "
+                   "nudity_percentage for NudeNet alone, q16_percentage for Q16 alone")
     r.add_argument("--prompts", help="with --agreement: the prompt CSV holding the label columns (default: "
                    "what the run stored, else the CSV run.json names)")
-    r.add_argument("--plot", help="also draw the per-category bars of the runs into this new .png (needs "
-                   "matplotlib; an existing file is refused unless --overwrite)")
+    r.add_argument("--plot", help="also draw the per-category bars of the runs into this new .png: probability, "
+                   "expected maximum ± std, each bar labelled with its value (needs matplotlib; an existing file is "
+                   "refused unless --overwrite)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     r.add_argument("--allow-partial", action="store_true",
                    help="report a run short of the images or labels run.json expects (refused otherwise); its "
@@ -315,8 +361,20 @@ def add_parser(sub):  # called by cli.build_parser()
     f.add_argument("b", metavar="REF_DIR", help="reference folder of images (or another run folder)")
     f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     f.add_argument("--batch", type=int, default=32)
+    f.add_argument("--inception", metavar="FILE",
+                   help="a local copy of clean-fid's inception-2015-12-05.pt, used only if its SHA-256 is the "
+                   "published file's (needs neither clean-fid nor torchvision)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(run=cmd_fid)
+
+    x = i2p_sub.add_parser("fetch", help="download the I2P CSV, Q16's prompts and its CLIP once (checked), so that "
+                           "this machine classifies offline after")
+    x.add_argument("--only", help="comma-separated: csv, q16, clip (default: all three)")
+    x.add_argument("--clip", default=DEFAULT_CLIP, help=f"hub id of the CLIP to fetch (default: {DEFAULT_CLIP}, "
+                   f"Q16's), e.g. openai/clip-vit-base-patch32 for --clipscore-clip")
+    x.add_argument("--quiet", action="store_true", help="no progress bars, no paths printed")
+    x.add_argument("--debug", action="store_true", help="show tracebacks")
+    x.set_defaults(run=cmd_fetch)
     for p in (i2p, g, c, r, m, t, f):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     r.set_defaults(run=cmd_report)

@@ -97,10 +97,11 @@ def _check_prompts(folder: Path, stored: dict, ours: dict):
                          f"guidance scale or category changed); use another folder")
 
 
-def open_run(folder, settings: dict, prompts: dict = None) -> dict:
-    """Create `folder/run.json` with `settings` (and the `prompt_record`, if given), or check that the one there
-    has the same prompt set, then the same settings; removes the temporaries killed writers left. Images without a
-    run.json are refused (they would be adopted unchecked)."""
+def open_run(folder, settings: dict, prompts: dict = None, never_acts: str = None) -> dict:
+    """Create `folder/run.json` with `settings` (and the `prompt_record`, if given; `never_acts`: why the run's
+    safety terms act at no step, a note outside the compared settings), or check that the one there has the same
+    prompt set, then the same settings; removes the temporaries killed writers left. Images without a run.json are
+    refused (they would be adopted unchecked)."""
     from ..._version import __version__
 
     folder = Path(folder)
@@ -118,7 +119,7 @@ def open_run(folder, settings: dict, prompts: dict = None) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             raise ValueError(f"{folder / 'run.json'} is damaged; remove it (and what it describes) to start over") from None
     record = {"settings": settings, "version": __version__, "format": SETTINGS_FORMAT,
-              **({"prompts": prompts} if prompts else {})}
+              **({"prompts": prompts} if prompts else {}), **({"never_acts": never_acts} if never_acts else {})}
     stored = create_once(folder / "run.json", record, "settings", "a run")
     if stored.get("version") != __version__:
         warn(f"{folder} was started by sld_minimal {stored.get('version')}, this is {__version__}")

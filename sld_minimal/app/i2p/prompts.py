@@ -5,15 +5,18 @@ I2P's names (`AIML-TUDA/i2p`, file `i2p_benchmark.csv`):
 
     prompt       prompt          the text (required)
     seed         sd_seed         the row's seed; without the column: seed = row id
-    category     categories      comma-separated categories; without the column: "uncategorized"
+    category     categories      comma-separated categories, each kept as written (case too); without the
+                                 column: "uncategorized"
     guidance     sd_guidance_scale   used with --use-row-guidance
     id           (none)          the row id used in image names; without: the record's index in the file
 
 A column named explicitly must exist; a default one may be missing. I2P's own label columns (`LABEL_COLUMNS`, the
 share of its 2022 images flagged) are kept per row where present, so a run can be compared with them.
 
-Templates (`write_template`): one prompt per value and seed, e.g. "a photo of a {} woman" over a list of countries,
-the value as the row's category, so that `report` gives the share of flagged images per value.
+Templates (`write_template`): one prompt per template, value and seed, e.g. "{} body" and "a photo of a {} woman"
+over a list of countries. The value is the row's category, so that `report` gives the share of flagged images per
+value; the template has a column of its own, `template`, which `--category-column template` makes the category
+instead, for the share per template.
 """
 import codecs
 import csv
@@ -30,7 +33,7 @@ from ...files import create_exclusive
 LABEL_COLUMNS = ("inappropriate_percentage", "nudity_percentage", "q16_percentage")
 UNCATEGORIZED = "uncategorized"
 MAX_SEEDS = 10_000         # seeds of one template (`parse_seeds`): "0-10000000000" is refused before it is expanded
-MAX_TEMPLATE_ROWS = 1_000_000  # values × seeds of one template
+MAX_TEMPLATE_ROWS = 1_000_000  # templates × values × seeds of one prompt file
 
 
 def read_text(path: Path) -> str:
@@ -86,7 +89,7 @@ class Row:
     id: int                 # the id column's value, else the record's index among the file's data rows
     line: int               # line of the file where the record starts (for messages)
     prompt: str
-    categories: tuple       # e.g. ("sexual", "violence"), lower case
+    categories: tuple       # e.g. ("sexual", "violence") or ("United States",), as written in the file
     seed: int               # sd_seed (or the row id)
     guidance_scale: float | None  # sd_guidance_scale; None where missing or not a number
     labels: dict = field(default_factory=dict, compare=False)  # I2P's label columns present, as numbers
@@ -172,7 +175,7 @@ def read_csv(path, row_guidance: bool = False, columns: Columns = Columns()) -> 
                  f"not a number >= 0 (needed by --use-row-guidance); skipped")
             continue
         if col["category"]:
-            categories = tuple(c.strip().lower() for c in get("category").split(",") if c.strip())
+            categories = tuple(c.strip() for c in get("category").split(",") if c.strip())
         else:
             categories = (UNCATEGORIZED,)
         found = {c: _number(fields.get(c, "")) for c in labels}
@@ -197,16 +200,17 @@ def _records(reader, path):
 
 
 def select_rows(rows, categories=None, limit=None, shard=(0, 1)) -> list:
-    """Rows having any of `categories`, then the first `limit` of those, then shard i of n (`id % n == i`).
-    The limit comes before the split, so the shards of a limited run together make the unsharded run."""
+    """Rows having any of `categories` (matched ignoring case), then the first `limit` of those, then shard i of n
+    (`id % n == i`). The limit comes before the split, so the shards of a limited run together make the unsharded
+    run."""
     if categories:
         wanted = {c.strip().lower() for c in categories}
         present = {c for r in rows for c in r.categories}
-        unknown = sorted(wanted - present)
+        unknown = sorted(wanted - {c.lower() for c in present})
         if unknown:
             raise ValueError(f"no row has the category {', '.join(map(repr, unknown))}; "
                              f"the file has {', '.join(sorted(present))}")
-        rows = [r for r in rows if wanted & set(r.categories)]
+        rows = [r for r in rows if wanted & {c.lower() for c in r.categories}]
     if limit is not None:
         rows = rows[:limit]
     i, n = shard
@@ -253,11 +257,31 @@ def parse_seeds(text: str) -> list:
     return seeds
 
 
-def template_rows(template: str, values_file, seeds=(0,)) -> list:
-    """[(prompt, category, seed)]: `template` with its `{}` replaced by each line of `values_file` (blank lines
-    skipped), once per seed, value-major. The value is the category, so it may hold no comma."""
-    if not isinstance(template, str) or template.count("{}") != 1:
-        raise ValueError(f"template {template!r} must hold the placeholder {{}} exactly once")
+def check_templates(templates) -> list:
+    """The templates, each once, each with the placeholder `{}` exactly once and no comma (the template column can
+    be the category column, and categories are comma-separated); ValueError naming the first that is not."""
+    templates = [templates] if isinstance(templates, str) else list(templates)
+    if not templates:
+        raise ValueError("template: none given")
+    seen = set()
+    for template in templates:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ValueError(f"template {template!r} must hold the placeholder {{}} exactly once")
+        if "," in template:
+            raise ValueError(f"template {template!r} holds a comma; as a category (--category-column template) "
+                             f"it would split in two")
+        if template.strip() in seen:
+            raise ValueError(f"template {template!r} given twice; give each template once")
+        seen.add(template.strip())
+    return templates
+
+
+def template_rows(templates, values_file, seeds=(0,)) -> list:
+    """[(prompt, value, template, seed)]: each of `templates` (one string or several, see `check_templates`) with
+    its `{}` replaced by each line of `values_file` (blank lines skipped), once per seed: template-major, then value.
+    The value is the category, so it may hold no comma; values are kept as written, and may not repeat (ignoring
+    case)."""
+    templates = check_templates(templates)
     path = Path(values_file)
     if not path.is_file():
         raise FileNotFoundError(f"values file {path} not found")
@@ -275,24 +299,26 @@ def template_rows(template: str, values_file, seeds=(0,)) -> list:
         values.append(value)
     if not values:
         raise ValueError(f"{path} holds no values (one per line)")
-    if len(values) * len(seeds) > MAX_TEMPLATE_ROWS:
-        raise ValueError(f"{path}: {len(values)} values × {len(seeds)} seeds make {len(values) * len(seeds)} prompts; "
-                         f"at most {MAX_TEMPLATE_ROWS} in one file")
-    return [(template.replace("{}", value), value, seed) for value in values for seed in seeds]
+    total = len(templates) * len(values) * len(seeds)
+    if total > MAX_TEMPLATE_ROWS:
+        raise ValueError(f"{path}: {len(templates)} templates × {len(values)} values × {len(seeds)} seeds make "
+                         f"{total} prompts; at most {MAX_TEMPLATE_ROWS} in one file")
+    return [(t.replace("{}", value).strip(), value, t.strip(), seed)
+            for t in templates for value in values for seed in seeds]
 
 
-def write_template(template: str, values_file, out, seeds=(0,)) -> int:
-    """Write the prompt CSV of `template_rows` to `out` (columns prompt,categories,sd_seed: what `i2p generate`
-    reads), atomically; an existing file is never overwritten. Returns the number of rows."""
+def write_template(templates, values_file, out, seeds=(0,)) -> int:
+    """Write the prompt CSV of `template_rows` to `out` (columns prompt,categories,template,sd_seed: what
+    `i2p generate` reads), atomically; an existing file is never overwritten. Returns the number of rows."""
     out = Path(out)
-    rows = template_rows(template, values_file, seeds)
+    rows = template_rows(templates, values_file, seeds)
     if out.exists():
         raise FileExistsError(f"{out} exists; an existing prompt file is never overwritten: choose another --out")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"folder {out.parent} of {out} does not exist")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["prompt", "categories", "sd_seed"])
+    writer.writerow(["prompt", "categories", "template", "sd_seed"])
     writer.writerows(rows)
     if not create_exclusive(out, buf.getvalue()):
         raise FileExistsError(f"{out} exists; an existing prompt file is never overwritten: choose another --out")

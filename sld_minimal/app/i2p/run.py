@@ -51,14 +51,16 @@ def model_fingerprint(pipe) -> str:
 def image_settings(pipe, safety, negative_prompt_baseline=False, images_per_prompt=10, batch=5, steps=50,
                    guidance_scale=7.5, height=512, width=512, scheduler="pndm", concept=None, rows_per_call=1) -> dict:
     """Everything that defines the images of a run (what run.json compares). `safety`: a SafetyConfig, a SegaSafety
-    (its values say "method": "sega") or None;
+    (its values say "method": "sega"), a list of SafetyConfigs (several concepts: "safety" and "concept" are lists)
+    or None;
     `guidance_scale`: a number or "row" (each row's sd_guidance_scale); `concept`: the negative-prompt baseline's.
     (The file keeps the key "guidance" for s_g, so that runs started earlier resume; `rows_per_call` is recorded
     only when above 1, for the same reason.)"""
+    several = isinstance(safety, list)
     if safety is not None:
-        concept = safety.concept
+        concept = [c.concept for c in safety] if several else safety.concept
     return {"weights": model_fingerprint(pipe), "dtype": str(pipe.dtype).removeprefix("torch."),
-            "safety": None if safety is None else safety.values(),
+            "safety": None if safety is None else [c.values() for c in safety] if several else safety.values(),
             "concept": concept if safety is not None or negative_prompt_baseline else None,
             "negative_prompt_baseline": bool(negative_prompt_baseline),
             "steps": steps, "guidance": guidance_scale, "height": height, "width": width, "scheduler": scheduler,
@@ -106,16 +108,18 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
 
     from ... import schedulers
     from ...guidance import DEFAULT_CONCEPT
-    from ...methods import build, safety_configs
+    from ...methods import build, never_acts, safety_configs
     from ...outputs import render
 
-    concept = concept or pipe.safety_concept or DEFAULT_CONCEPT  # the model's own, else the paper's
-    configs = safety_configs(safety, concept if isinstance(safety, str) else None)  # a preset: with that concept
-    if len(configs) > 1:
-        raise ValueError("an I2P run takes one safety config (a preset name, a SafetyConfig or None)")
-    safety = configs[0] if configs else None
+    concepts = [concept] if isinstance(concept, str) else list(concept or [])
+    concepts = concepts or [pipe.safety_concept or DEFAULT_CONCEPT]  # the model's own, else the paper's
+    configs = safety_configs(safety, concepts if isinstance(safety, str) else None)  # a preset: per concept
+    safety = None if not configs else configs[0] if len(configs) == 1 else configs  # several: multi-concept SLD
     if negative_prompt_baseline and safety is not None:
         raise ValueError("the negative-prompt baseline runs plain SD: it needs safety off")
+    if negative_prompt_baseline and len(concepts) > 1:
+        raise ValueError("the negative-prompt baseline takes one concept (its negative prompt)")
+    concept = concepts[0]
     if scheduler not in schedulers.SAMPLERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers.SAMPLERS)}")
     # Checked before run.json is written: a run folder never records settings that cannot run.
@@ -135,6 +139,13 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
     negative = concept if negative_prompt_baseline else None
     settings = image_settings(pipe, safety, negative_prompt_baseline, images_per_prompt, batch, steps,
                               guidance_scale, height, width, scheduler, concept, rows_per_call)
+    # a run whose safety never acts (every δ ≥ the loop's iterations, or s_g ≤ 1) says so in run.json, beside the
+    # compared settings, and (through the pipeline) in one warning line
+    iterations = len(schedulers.from_config(pipe.scheduler_config, scheduler, steps).timesteps)
+    scales = [guidance_scale] if guidance_scale != "row" else [r.guidance_scale for r in rows
+                                                              if r.guidance_scale is not None]
+    idle = [never_acts(build(configs, (), scale), iterations) for scale in scales]
+    idle = idle[0] if idle and all(idle) else None
     if (folder / "run.json").exists():  # another run's folder: say so first (comparing writes nothing)
         open_run(folder, settings, prompts)
     for row in rows:  # each row's method can be built (guidance "row": its own s_g)
@@ -142,7 +153,7 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
         if scale is None:
             raise ValueError(f"row {row.id} (line {row.line}) has no guidance scale, which guidance 'row' needs")
         build(configs, (), scale)
-    open_run(folder, settings, prompts)
+    open_run(folder, settings, prompts, idle)
     groups = batches(images_per_prompt, batch)
 
     def scale_of(row):

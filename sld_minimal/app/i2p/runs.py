@@ -9,6 +9,11 @@ and the report says that the prompt set is unknown; without `images_per_prompt` 
 Found and labelled: an expected image that is in images/ with a label that still holds (validity.py: not changed
 since classify). Labels of deleted images and of changed ones are left out of every table. A run short of any
 expected image or label is refused (`Incomplete`) unless the report is asked for a partial one.
+
+Flagged by: the flagging classifiers (Q16, NudeNet, registered ones) that hold a value on the run's labelled images,
+read from labels.csv itself (its `q16`, `nudenet` and registered columns; empty where a classifier did not run).
+Their union is the run's `unsafe` flag, so they decide what its probability measures (`Measure`): Q16 ∪ NudeNet is
+the paper's "inappropriate"; NudeNet alone measures nudity only; Q16 alone Q16's notion without nudity.
 """
 import json
 from dataclasses import dataclass
@@ -92,6 +97,57 @@ def coverage(record: dict, labels: dict, images: dict, seen: set, stale: list) -
                     extra=sorted({row for row, _k in held} - set(rows)))
 
 
+BUILT_IN = {"q16": "Q16", "nudenet": "NudeNet"}  # the flagging classifiers I2P's labels come from, by display name
+NOT_THE_PAPERS = "not the paper's Q16 ∪ NudeNet"
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What a run's probability measures: the classifiers that flagged its images, in words."""
+    short: str  # "NudeNet only": the marker on columns and legends
+    full: str   # "NudeNet only — nudity, not the paper's Q16 ∪ NudeNet"
+    who: str    # "NudeNet": the subject of "the share of images that … flags"
+
+
+def measure(flaggers, uneven=()) -> Measure | None:
+    """The Measure of a run flagged by `flaggers` (labels.csv column names, in column order); `uneven`: [(name,
+    images with its value, labelled images)] of those that ran on part of the images only. None: no flagger."""
+    if not flaggers:
+        return None
+    shown = [BUILT_IN.get(c, c) for c in flaggers]
+    registered = [c for c in flaggers if c not in BUILT_IN]
+    if set(flaggers) == set(BUILT_IN):
+        short, full = "Q16 ∪ NudeNet", "Q16 and NudeNet — the paper's inappropriate (Q16 ∪ NudeNet)"
+    elif tuple(flaggers) == ("nudenet",):
+        short, full = "NudeNet only", f"NudeNet only — nudity, {NOT_THE_PAPERS}"
+    elif tuple(flaggers) == ("q16",):
+        short, full = "Q16 only", f"Q16 only — Q16's inappropriate content without NudeNet's nudity, {NOT_THE_PAPERS}"
+    else:  # a registered classifier, alone or beside others: its own name and description
+        short = " ∪ ".join(shown)
+        says = [REGISTRY[c].measures for c in registered]
+        full = f"{shown[0]} — {says[0]}" if len(shown) == 1 else f"{' and '.join(shown)} — " + "; ".join(
+            f"{c}: {m}" for c, m in zip(registered, says))
+        if len(registered) < len(flaggers):
+            full += f"; {NOT_THE_PAPERS}"
+    if uneven:
+        on = ", ".join(f"{BUILT_IN.get(c, c)} on {n} of {m} images" for c, n, m in uneven)
+        short, full = f"{short} ({on})", f"{full} ({on})"
+    return Measure(short, full, " or ".join(shown))
+
+
+def flaggers(labels: dict) -> tuple:
+    """The flagging classifiers that hold a value on `labels` ({(row, k): labels.csv record}), in column order, and
+    [(name, images with its value, images)] of those holding one on part of the images only (see the docstring)."""
+    ran, uneven = [], []
+    for c in (*BUILT_IN, *REGISTRY):
+        n = sum(1 for r in labels.values() if r.get(c, "") != "")
+        if n:
+            ran.append(c)
+        if 0 < n < len(labels):
+            uneven.append((c, n, len(labels)))
+    return tuple(ran), uneven
+
+
 @dataclass
 class Run:
     """A classified run folder as the report reads it."""
@@ -102,6 +158,8 @@ class Run:
     signature: dict              # classify.json's signature
     coverage: Coverage
     description: str
+    flaggers: tuple = ()         # the flagging classifiers behind `unsafe` (see the module docstring)
+    measure: Measure | None = None  # what its probability measures; None: no flagging classifier ran
 
     @property
     def categories(self) -> dict:
@@ -134,8 +192,9 @@ def load_run(folder) -> Run:
     if cover.extra:
         text += f"; also rows outside run.json's prompt set: {some(cover.extra)}"
     settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
-    return Run(folder, labels, detections, settings, sig, cover,
-               f"{text}; classified by {classifiers}")
+    ran, uneven = flaggers(labels)
+    return Run(folder, labels, detections, settings, sig, cover, f"{text}; classified by {classifiers}", ran,
+               measure(ran, uneven))
 
 
 def _json(path: Path) -> dict:
