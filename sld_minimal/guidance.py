@@ -18,7 +18,7 @@ we follow the code, since it produced the papers' numbers, and say so where it h
 """
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -63,6 +63,10 @@ class SafetyConfig:
     momentum_scale: float = 0.3     # s_m, weight of the momentum ν inside γ
     momentum_beta: float = 0.4      # β_m, how much of ν is kept per step
     concept: str = DEFAULT_CONCEPT  # c_S, the text whose direction is steered away from
+    # the preset it was read from (`presets.PRESETS`), which settings record; set only by `named`, so a config made
+    # by hand or changed with `dataclasses.replace` is "custom" whatever its numbers. Not compared: a config is its
+    # numbers and concept
+    name: str = field(default="custom", init=False, compare=False, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -90,18 +94,25 @@ class SafetyConfig:
             raise ValueError(f"unknown SLD preset {name!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[key]
 
+    def named(self, name: str) -> "SafetyConfig":
+        """A copy that carries a preset's name (the registry's, `presets.preset`)."""
+        copy = replace(self)
+        object.__setattr__(copy, "name", name)
+        return copy
+
     def values(self) -> dict:
         """The five numbers (s_S, δ, λ, s_m, β_m) by field name, e.g. for image metadata."""
         return {"scale": self.scale, "warmup_steps": self.warmup_steps, "threshold": self.threshold,
                 "momentum_scale": self.momentum_scale, "momentum_beta": self.momentum_beta}
 
 
-PRESETS = {  # name -> SafetyConfig(s_S, δ, λ, s_m, β_m), the authors' table
+# name -> SafetyConfig(s_S, δ, λ, s_m, β_m), the authors' table; each carries its name (what settings record)
+PRESETS = {name: config.named(name) for name, config in {
     "weak": SafetyConfig(200, 15, 0.0, 0.0, 0.0),
     "medium": SafetyConfig(1000, 10, 0.01, 0.3, 0.4),
     "strong": SafetyConfig(2000, 7, 0.025, 0.5, 0.7),
     "max": SafetyConfig(5000, 0, 1.0, 0.5, 0.7),
-}
+}.items()}
 
 
 def cfg_guidance(eps_uncond, eps_text, guidance_scale) -> torch.Tensor:

@@ -7,6 +7,12 @@ A method is any object with
     __call__(eps, step, num_steps, t) -> (ε̂, terms)             eps: {condition name: ε}, (N, 4, h, w) each;
                                                                  terms: its intermediates, by name (may be empty)
     reset()                                                      (optional) forget the state of a previous run
+    at(step, num_steps, t)                                       (optional) set the configuration of this step
+                                                                 (a schedule); the loop calls it before conditions
+
+`at` should depend on its arguments only (and on the method's base configuration): `never_acts` calls it for every
+step ahead of a run to ask `applied(step)` whether anything acts. A method that wraps another forwards `at`.
+Step indices count the loop's iterations, one per UNet call (PNDM: 51 for 50 steps), as diffusers counts them.
 
 Condition names (`conditions.py`): `UNCOND` (the negative prompt, "" by default: ε_∅), `PROMPT` (ε_p), and
 `concept(text)` for any other text, evaluated for every image (ε_S for a safety concept, ε_c for an edit concept).
@@ -15,16 +21,11 @@ hands the estimates back by name, so a method that needs a new branch just names
 
 Built in: `CFG`, `SLD` (one or several safety concepts), `SEGA` (semantic edits), `SLDWithSEGA`. Each gives the
 bits of the reference pipelines (diffusers' StableDiffusionPipelineSafe and SemanticStableDiffusionPipeline).
-`PRESETS` maps a name (`--safety`, `pipe(safety="strong")`) to a factory of methods: SLD's four and the
-SEGA-as-safety presets `sega-medium|strong|max` (`SegaSafety`: the safety concept as one reversed edit).
+The presets (`--safety`, `pipe(safety="strong")`) and `build`, from a name or configs to one of these methods,
+are in `presets.py`.
 """
-import dataclasses
-
-from dataclasses import dataclass
-
 from .conditions import PROMPT, UNCOND, concept
-from .guidance import (DEFAULT_CONCEPT, PRESETS as SAFETY_PRESETS, Edit, SafetyConfig, cfg_guidance,
-                       multi_sld_guidance, sega_terms)
+from .guidance import Edit, SafetyConfig, cfg_guidance, multi_sld_guidance, sega_terms
 
 
 def _unique(names):
@@ -44,6 +45,9 @@ class CFG:
 
     def reset(self):
         pass
+
+    def at(self, step, num_steps, t):
+        """The per-step hook (see the module docstring); CFG has nothing to set."""
 
     def conditions(self, step, num_steps, t) -> list:
         return [UNCOND, PROMPT] if self.cfg_on else [PROMPT]
@@ -65,47 +69,81 @@ class SLD(CFG):
     """Safe Latent Diffusion (`guidance.multi_sld_guidance`; one concept: `guidance.sld_guidance`).
 
     `safety`: one SafetyConfig or a list (several concepts: each with its own μ_c, threshold, warm-up and momentum
-    ν_c; an extension beyond the paper). Configs that are not `enabled` (s_S ≤ 1) contribute nothing and cost no
-    branch; configs with the same concept text share one branch. Terms: per config, `mu`, `gamma` and `nu` (None
-    where the config was not computed at this step)."""
+    ν_c; an extension beyond the paper); configs with the same concept text share one branch. `self.safety` keeps
+    them as given (the base configuration, which `describe` reports); `self.current` holds the configuration of the
+    step under way, one config per base config in the same order (config c keeps its ν_c). `at` sets it before each
+    step: SLD's own keeps the base, a schedule overrides `at` (README's `RampedSLD`).
+
+    Config c acts at a step where s_g > 1 and its s_S > 1 there (`SafetyConfig.enabled`, the authors' and diffusers'
+    rule): with s_S ≤ 1 at a step it contributes nothing and costs no branch, and it acts again once s_S rises above
+    1. Its momentum over such a step follows eq. 7 with nothing to add, γ_{c,t} = 0:
+
+        ν_{c,t+1} = β_{m,c}·ν_{c,t}         (s_S ≤ 1 at step t; β_m of that step's config)
+
+    so the running average of the safety term fades by β_m per step off, as over steps where the concept steered
+    nothing, instead of pushing with an old ν when it returns. Where its branch is skipped for another reason (s_m = 0
+    during its warm-up: ν never reaches γ) ν_c is left as it is.
+
+    Terms, per config (lists indexed as `current`): `safety` (this step's configs), `computed` (γ_c evaluated: its
+    branch ran), `applied` (γ_c entered ε̂), `mu`, `gamma` (None where not computed) and `nu` (ν_c after the step)."""
 
     def __init__(self, safety, guidance_scale: float = 7.5):
         super().__init__(guidance_scale)
         configs = [safety] if isinstance(safety, SafetyConfig) else list(safety)
         if not all(isinstance(c, SafetyConfig) for c in configs):
             raise TypeError("safety must be a SafetyConfig or a list of SafetyConfigs")
-        self.safety = [c for c in configs if c.enabled]
+        self.safety = configs  # s_S ≤ 1 kept: a schedule may raise it (`at`); where it stays ≤ 1 it never acts
         self.reset()
 
     def reset(self):
         self.momenta = [None] * len(self.safety)  # ν_c; None = 0
+        self.current = list(self.safety)
+
+    def at(self, step, num_steps, t):
+        """Set `self.current`, the configs of this step; SLD's own keeps the base configuration."""
+        self.current = list(self.safety)
 
     def computed(self, step) -> list:
-        """Indices of the configs whose safety term is computed at this step. The branch is skipped where it cannot
-        change the result: no momentum (s_m = 0, so ν never reaches γ) and still in warm-up (γ not subtracted)."""
+        """Indices of the configs whose safety term is computed at this step (their branch runs): s_g > 1, s_S > 1 at
+        this step, and s_m ≠ 0 (γ_c builds ν_c from step 0) or step ≥ δ_c. Elsewhere the branch cannot change the
+        result and is skipped. Reads `current`, the configuration `at` set for the step."""
         if not self.cfg_on:
             return []
-        return [i for i, c in enumerate(self.safety) if c.momentum_scale != 0 or step >= c.warmup_steps]
+        return [i for i, c in enumerate(self._configs()) if c.enabled and (c.momentum_scale != 0
+                                                                           or step >= c.warmup_steps)]
 
     def applied(self, step) -> list:
-        """Indices of the configs whose γ_c enters ε̂ at this step: s_g > 1 and step ≥ δ_c (sld_guidance)."""
-        return [i for i, c in enumerate(self.safety) if self.cfg_on and step >= c.warmup_steps]
+        """Indices of the configs whose γ_c enters ε̂ at this step: s_g > 1, s_S > 1 and step ≥ δ_c (sld_guidance).
+        Reads `current`, the configuration `at` set: where a schedule changes it, call `at(step, …)` first."""
+        return [i for i, c in enumerate(self._configs()) if self.cfg_on and c.enabled and step >= c.warmup_steps]
+
+    def _configs(self) -> list:
+        """`current`, checked: one SafetyConfig per base config."""
+        if len(self.current) != len(self.safety) or not all(isinstance(c, SafetyConfig) for c in self.current):
+            raise ValueError(f"{type(self).__name__}.current must hold one SafetyConfig per base config, in order "
+                             f"({len(self.safety)}), got {self.current!r:.120}")
+        return self.current
 
     def conditions(self, step, num_steps, t) -> list:
-        return super().conditions(step, num_steps, t) + _unique(concept(self.safety[i].concept)
+        return super().conditions(step, num_steps, t) + _unique(concept(self.current[i].concept)
                                                                 for i in self.computed(step))
 
     def __call__(self, eps, step, num_steps, t):
-        active = self.computed(step)
+        active, applied, configs = self.computed(step), self.applied(step), self.current
+        for i, c in enumerate(configs):
+            if not c.enabled and self.momenta[i] is not None:
+                self.momenta[i] = c.momentum_beta * self.momenta[i]  # s_S ≤ 1: ν_{t+1} = β_m·ν_t (γ_t = 0)
+        k = len(configs)
+        terms = {"safety": list(configs), "computed": [i in active for i in range(k)],
+                 "applied": [i in applied for i in range(k)], "mu": [None] * k, "gamma": [None] * k}
         if not active:
-            return super().__call__(eps, step, num_steps, t)
-        configs = [self.safety[i] for i in active]
-        eps_hat, momenta, gammas, mus = multi_sld_guidance(
-            eps[UNCOND], eps[PROMPT], [eps[concept(c.concept)] for c in configs], self.guidance_scale, configs,
-            step, [self.momenta[i] for i in active])
-        terms = {"safety": self.safety, "mu": [None] * len(self.safety), "gamma": [None] * len(self.safety)}
-        for i, nu, gamma, mu in zip(active, momenta, gammas, mus):
-            self.momenta[i], terms["gamma"][i], terms["mu"][i] = nu, gamma, mu
+            eps_hat, _ = super().__call__(eps, step, num_steps, t)
+        else:
+            eps_hat, momenta, gammas, mus = multi_sld_guidance(
+                eps[UNCOND], eps[PROMPT], [eps[concept(configs[i].concept)] for i in active], self.guidance_scale,
+                [configs[i] for i in active], step, [self.momenta[i] for i in active])
+            for i, nu, gamma, mu in zip(active, momenta, gammas, mus):
+                self.momenta[i], terms["gamma"][i], terms["mu"][i] = nu, gamma, mu
         terms["nu"] = list(self.momenta)
         return eps_hat, terms
 
@@ -116,7 +154,8 @@ class SLD(CFG):
 
 class SEGA(CFG):
     """Semantic guidance (`guidance.sega_terms`): ε̂ = ε_∅ + (s_g·(ε_p − ε_∅) + γ̂), summed in the reference's
-    order. Terms: `edits`, `edit_directions` (each edit's masked μ ⊙ ψ_c), `edit_term` (γ̂), `edit_nu`."""
+    order. Terms: `edits`, `edit_applied` (per edit: it acts at this step), `edit_directions` (each edit's masked
+    μ ⊙ ψ_c, computed at every step), `edit_term` (γ̂), `edit_nu`."""
 
     def __init__(self, edits, guidance_scale: float = 7.5, momentum_scale: float = 0.1, momentum_beta: float = 0.4):
         super().__init__(guidance_scale)
@@ -138,12 +177,13 @@ class SEGA(CFG):
         return [c for c, e in enumerate(self.edits) if self.cfg_on and step >= e.warmup_steps and not e.cooled(step)]
 
     def term(self, eps, step):
-        """γ̂ and the terms, updating the momentum."""
+        """γ̂ and the terms (`edit_applied`: per edit, whether it acts at this step), updating the momentum."""
         term, self.momentum, directions = sega_terms(
             eps[UNCOND], [eps[concept(e.concept)] for e in self.edits], self.edits, step, self.momentum,
             self.momentum_scale, self.momentum_beta)
-        return term, {"edits": self.edits, "edit_directions": directions, "edit_term": term,
-                      "edit_nu": self.momentum}
+        applied = self.applied(step)
+        return term, {"edits": self.edits, "edit_applied": [c in applied for c in range(len(self.edits))],
+                      "edit_directions": directions, "edit_term": term, "edit_nu": self.momentum}
 
     def __call__(self, eps, step, num_steps, t):
         if not self.cfg_on or not self.edits:
@@ -160,7 +200,8 @@ class SEGA(CFG):
 
 
 class SLDWithSEGA:
-    """SLD and SEGA together: ε̂ = SLD's ε̂ + γ̂. At steps where no safety term is computed, SEGA's own sum."""
+    """SLD and SEGA together: ε̂ = SLD's ε̂ + γ̂. At steps where no safety term is computed, SEGA's own sum. Terms: SLD's
+    and SEGA's."""
 
     def __init__(self, sld: SLD, sega: SEGA):
         self.sld, self.sega = sld, sega
@@ -177,6 +218,10 @@ class SLDWithSEGA:
         self.sld.reset()
         self.sega.reset()
 
+    def at(self, step, num_steps, t):
+        self.sld.at(step, num_steps, t)
+        self.sega.at(step, num_steps, t)
+
     def conditions(self, step, num_steps, t) -> list:
         return _unique(self.sld.conditions(step, num_steps, t) + self.sega.conditions(step, num_steps, t))
 
@@ -185,9 +230,10 @@ class SLDWithSEGA:
         return self.sld.applied(step) + [len(self.sld.safety) + c for c in self.sega.applied(step)]
 
     def __call__(self, eps, step, num_steps, t):
-        if not self.sld.computed(step):
-            return self.sega(eps, step, num_steps, t)
-        eps_hat, terms = self.sld(eps, step, num_steps, t)
+        eps_hat, terms = self.sld(eps, step, num_steps, t)  # every step: SLD's momenta and terms
+        if not any(terms["computed"]):  # SLD's ε̂ is CFG's: SEGA's own sum, in the reference's order of additions
+            eps_hat, sega_terms = self.sega(eps, step, num_steps, t)
+            return eps_hat, terms | sega_terms
         term, sega_terms = self.sega.term(eps, step)
         return eps_hat + term, terms | sega_terms
 
@@ -205,12 +251,12 @@ class FunctionSLD(SLD):
         self.fn = fn
 
     def computed(self, step) -> list:
-        return [0] if self.cfg_on and self.safety else []
+        return [0] if self.cfg_on and self.current and self.current[0].enabled else []
 
     def __call__(self, eps, step, num_steps, t):
         if not self.computed(step):
             return super().__call__(eps, step, num_steps, t)
-        safety = self.safety[0]
+        safety = self.current[0]
         eps_hat, self.momenta[0] = self.fn(eps[UNCOND], eps[PROMPT], eps[concept(safety.concept)],
                                            self.guidance_scale, safety, step, self.momenta[0])
         return eps_hat, {}
@@ -219,144 +265,34 @@ class FunctionSLD(SLD):
         return f"{getattr(self.fn, '__name__', 'a function')} in place of SLD ({super().describe()})"
 
 
-@dataclass(frozen=True)
-class SegaSafety:
-    """Safety through SEGA, as the authors' I2P harness runs it (`mitigation/semantic_ssd.py`): the safety concept
-    as one reversed edit, ψ = ε_∅ − ε_S, with SEGA's own relative threshold and momentum (see `guidance.sega_terms`).
-    Accepted wherever a SafetyConfig is (`safety=`, `safety_configs`); `method` builds its `SEGA`. `values()` has
-    SafetyConfig's five keys (s_e, δ, λ, s_m, β_m) and `"method": "sega"`, so settings never read as SLD's."""
-    scale: float                    # s_e, edit guidance scale
-    warmup_steps: int               # δ, first step the edit acts (its momentum runs from step 0)
-    threshold: float                # λ, quantile of |ψ| below which elements are dropped
-    momentum_scale: float           # s_m
-    momentum_beta: float = 0.4      # β_m: diffusers' default, which the harness leaves
-    concept: str = DEFAULT_CONCEPT  # c_S
-    preset: str = "custom"          # the registry name it came from, for settings and messages
-
-    enabled = True  # (as SafetyConfig.enabled: a SEGA safety config always acts)
-
-    def __post_init__(self):
-        edit = self.edit()  # Edit's own checks of s_e, λ, δ and the concept, with its messages
-        for name in ("scale", "threshold", "warmup_steps"):  # frozen: normalised types through object.__setattr__
-            object.__setattr__(self, name, getattr(edit, name))
-        for name in ("momentum_scale", "momentum_beta"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-        if not 0 <= self.momentum_beta <= 1:
-            raise ValueError(f"SegaSafety.momentum_beta (β_m) must be in [0, 1], got {self.momentum_beta}")
-
-    def edit(self) -> Edit:
-        """The reversed SEGA edit away from the safety concept."""
-        return Edit(self.concept, scale=self.scale, threshold=self.threshold, warmup_steps=self.warmup_steps,
-                    reverse=True)
-
-    def method(self, guidance_scale: float = 7.5) -> "SEGA":
-        """SEGA with the reversed edit and this config's momentum: what `build` and the presets run."""
-        return SEGA([self.edit()], guidance_scale, self.momentum_scale, self.momentum_beta)
-
-    def values(self) -> dict:
-        """The five numbers by SafetyConfig's field names, and "method": "sega" (for settings and run.json)."""
-        return {"method": "sega", "scale": self.scale, "warmup_steps": self.warmup_steps,
-                "threshold": self.threshold, "momentum_scale": self.momentum_scale,
-                "momentum_beta": self.momentum_beta}
-
-
-# name -> SegaSafety(s_e, δ, λ, s_m); β_m 0.4 and s_g 7.5 (the pipeline's default) as in the authors' harness
-SEGA_SAFETY_PRESETS = {name: SegaSafety(*values, preset=name) for name, values in (
-    ("sega-medium", (4, 10, 0.9, 0.3)), ("sega-strong", (7, 5, 0.85, 0.5)), ("sega-max", (10, 0, 0.75, 0.5)))}
-SAFETY_KINDS = (SafetyConfig, SegaSafety)
-
-
-def safety_configs(safety, concept_text=None) -> list:
-    """The SafetyConfigs that `safety=` names: None or "off" → [], a preset name → its config (names from `PRESETS`;
-    a SEGA preset → its `SegaSafety`), a SafetyConfig/SegaSafety or a list of them as given (disabled ones included:
-    `SLD` drops those). `concept_text` (a text, or a list of texts: one config per text, several concepts) replaces
-    each config's concept (the CLIs' --safety-concept, repeatable)."""
-    if isinstance(safety, str):
-        key = safety.strip().lower()
-        preset(key)  # a registered name, or the error that lists them
-        configs = [] if key == "off" else [SEGA_SAFETY_PRESETS[key] if key in SEGA_SAFETY_PRESETS
-                                           else SAFETY_PRESETS[key]]
-    else:
-        configs = [] if safety is None else list(safety) if isinstance(safety, (list, tuple)) else [safety]
-    if not all(isinstance(c, SAFETY_KINDS) for c in configs):
-        raise TypeError(f"safety must be a preset name, a SafetyConfig, a list of them or None, not {safety!r}")
-    if sum(isinstance(c, SegaSafety) for c in configs) > 1:
-        raise ValueError("safety takes one SEGA safety config at most (its edit has the one SEGA momentum)")
-    if concept_text is None:
-        return configs
-    texts = [concept_text] if isinstance(concept_text, str) else list(concept_text)
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise TypeError(f"concept_text must be a text or a non-empty list of texts, not {concept_text!r}")
-    if len(set(texts)) < len(texts):
-        raise ValueError(f"the safety concept {next(t for t in texts if texts.count(t) > 1)!r} is given twice")
-    if len(texts) > 1 and any(isinstance(c, SegaSafety) for c in configs):
-        raise ValueError("a SEGA safety preset takes one safety concept (its one reversed edit has the one SEGA "
-                         "momentum); give one concept, or use an SLD preset for several")
-    return [_with_concept(c, t) for c in configs for t in texts]
-
-
-def build(safety=None, edits=(), guidance_scale=7.5, edit_momentum_scale=0.1, edit_momentum_beta=0.4):
-    """The method for the pipeline's `safety=` (see `safety_configs`) and `edits=` (SEGA Edits). A SEGA safety
-    config is SEGA with its reversed edit; together with `edits` it is refused (they would share one momentum)."""
-    configs = safety_configs(safety)
-    sega_safety = [c for c in configs if isinstance(c, SegaSafety)]
-    sld = SLD([c for c in configs if isinstance(c, SafetyConfig)], guidance_scale)
-    if sega_safety:
-        if edits:
-            raise ValueError(f"the SEGA safety preset {sega_safety[0].preset!r} cannot be combined with edits: "
-                             f"they would share one SEGA momentum; use an SLD preset with edits")
-        sega = sega_safety[0].method(guidance_scale)
-    elif edits:
-        sega = SEGA(edits, guidance_scale, edit_momentum_scale, edit_momentum_beta)
-    else:
-        return sld if sld.safety else CFG(guidance_scale)
-    return SLDWithSEGA(sld, sega) if sld.safety else sega  # SLD with no enabled config adds nothing
-
-
-def never_acts(method, num_steps: int):
+def never_acts(method, num_steps: int, timesteps=None):
     """Why a method's safety and edit terms enter ε̂ at none of a run's `num_steps` loop iterations (the sampler's
     `len(timesteps)`: PNDM makes 51 for 50 steps), as one sentence; None when some term acts, when the method has
-    no such term (plain CFG), or when it has no `applied(step)` to ask (a caller's own method)."""
+    no such term (plain CFG; SLD whose every concept has s_S ≤ 1 at every step: switched off, as asked), or when it
+    has no `applied(step)` to ask (a caller's own method). A method's per-step hook `at` runs first at each step, as
+    the loop runs it (t from `timesteps`, None where they are not given), since `applied` reads the configuration it
+    sets; the loop sets it again before each step of the run."""
     if type(method) is CFG or isinstance(method, FunctionSLD) or not callable(getattr(method, "applied", None)):
         return None
-    if any(method.applied(step) for step in range(num_steps)):
-        return None
+    at = getattr(method, "at", None)
+    parts = [method.sld, method.sega] if isinstance(method, SLDWithSEGA) else [method]
+    warmups, concepts = set(), False  # δ of the terms that are on at some step; whether an SLD concept is
+    for step in range(num_steps):
+        if callable(at):
+            at(step, num_steps, None if timesteps is None else timesteps[step])
+        if method.applied(step):
+            return None
+        on = [c for m in parts for c in getattr(m, "current", ()) if c.enabled]  # SLD's concepts with s_S > 1 here
+        concepts = concepts or bool(on)
+        warmups |= {x.warmup_steps for x in [*on, *(e for m in parts for e in getattr(m, "edits", ()))]}
     if not getattr(method, "cfg_on", True):
         return (f"guidance scale s_g = {method.guidance_scale} <= 1 turns classifier-free guidance off, and with "
                 f"it every safety and edit term: the images are plain SD's")
-    parts = [method.sld, method.sega] if isinstance(method, SLDWithSEGA) else [method]
-    warmups = sorted({x.warmup_steps for m in parts for x in [*getattr(m, "safety", []), *getattr(m, "edits", [])]})
-    if warmups and warmups[0] >= num_steps:
-        return (f"the safety guidance never acts: its warm-up (δ = {', '.join(map(str, warmups))}) is not shorter "
-                f"than the run's {num_steps} sampling iterations, so the images are plain SD's")
-    return "no safety or edit term acts at any step of this run (each edit is cooled down before its warm-up ends)"
-
-
-def _sld_preset(config):
-    return lambda guidance_scale=7.5, concept_text=None: SLD(
-        config if concept_text is None else _with_concept(config, concept_text), guidance_scale)
-
-
-def _sega_preset(config):
-    """The registry factory of a SEGA safety preset: (guidance_scale, concept_text) -> its SEGA method."""
-    return lambda guidance_scale=7.5, concept_text=None: (
-        config if concept_text is None else _with_concept(config, concept_text)).method(guidance_scale)
-
-
-def _with_concept(config, text):
-    return dataclasses.replace(config, concept=text)
-
-
-# The preset registry: name -> factory(guidance_scale, concept_text=None) -> method. The CLI's --safety choices,
-# validation and image metadata read it; a new preset is one line here.
-PRESETS = {"off": lambda guidance_scale=7.5, concept_text=None: CFG(guidance_scale),
-           **{name: _sld_preset(config) for name, config in SAFETY_PRESETS.items()},
-           **{name: _sega_preset(config) for name, config in SEGA_SAFETY_PRESETS.items()}}
-
-
-def preset(name: str):
-    """The factory of the named preset (any case)."""
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in PRESETS:
-        raise ValueError(f"unknown safety preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[key]
+    if not warmups:
+        return None  # no edit, and s_S ≤ 1 for every safety concept at every step
+    if min(warmups) >= num_steps:
+        return (f"the safety guidance never acts: its warm-up (δ = {', '.join(map(str, sorted(warmups)))}) is not "
+                f"shorter than the run's {num_steps} sampling iterations, so the images are plain SD's")
+    why = ["each edit is cooled down before its warm-up ends"] if any(getattr(m, "edits", ()) for m in parts) else []
+    why += ["each safety concept has s_S ≤ 1 wherever it is past its warm-up"] if concepts else []
+    return f"no safety or edit term acts at any step of this run ({'; '.join(why)})"

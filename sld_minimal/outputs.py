@@ -19,8 +19,13 @@ SETTINGS_CHUNK = "sld_minimal"  # the PNG text chunk with an image's settings as
 # The version of what this package records about how a file was made: each image's settings (this chunk) and an I2P
 # run folder's run.json carry it as "format". 1 (no "format" key): as first written. 2: run.json records the prompt
 # set ("prompts") and "rows_per_call" (above 1), the images' `i2p` chunk "rows_per_call", labels.csv each image's
-# size and mtime. Files of an earlier format still read back and resume; new fields are added, none renamed.
-SETTINGS_FORMAT = 2
+# size and mtime. 3: an image's settings record a method object as it was before sampling ("method": its class,
+# module, description and own `settings()`, where 2 had its description after sampling; "safety" and "edits": the
+# configuration of the built-in method it extends; "guidance_scale": its s_g), "steps_taken" (after a callback's
+# STOP), "edit_momentum" (SEGA's s_m, β_m) and each preset's name as the registry gave it; run.json a method object's
+# record ("method") and a sampler object's name. Files of an earlier format still read back and resume; new fields
+# are added, none renamed ("method" changed from a text to a record).
+SETTINGS_FORMAT = 3
 
 
 def png_file(path) -> Path:
@@ -125,12 +130,19 @@ def render(settings: dict) -> str:
     image k, from 0, of a batch of N from one seed); the PNG's `sld_minimal` chunk holds the same as JSON."""
     s = settings
     image = f", Image: {s['image_index']} of {s['num_images']}" if s.get("num_images", 1) > 1 else ""
+    stopped = f" (stopped after {s['steps_taken']} iterations)" if s.get("steps_taken") is not None else ""
     lines = [_one_line(s["prompt"]), f"Negative prompt: {_one_line(s['negative_prompt'])}",
-             f"Seed: {s['seed']}{image}, Steps: {s['steps']}, Guidance: {s['guidance_scale']}, "
+             f"Seed: {s['seed']}{image}, Steps: {s['steps']}{stopped}, Guidance: {s['guidance_scale']}, "
              f"Scheduler: {s['scheduler']}" + (f", Eta: {s['eta']}" if s["eta"] is not None else "")
              + f", Size: {s['width']}x{s['height']}"]
-    if s["method"] is not None:
-        lines.append(f"Method: {s['method']}")
+    method = s["method"]
+    if isinstance(method, dict):  # format 3: a method object, by class and module, and its own settings
+        about = f": {_one_line(method['description'])}" if method.get("description") else ""
+        lines.append(f"Method: {method['class']} ({method['module']}){about}")
+        if method.get("settings") is not None:
+            lines.append(f"Method settings: {json.dumps(method['settings'], ensure_ascii=False)}")
+    elif method is not None:  # format 2 and before: its description
+        lines.append(f"Method: {_one_line(method)}")
     if not s["safety"] and s["method"] is None:
         lines.append("Safety: off")
     for c in s["safety"]:
@@ -141,6 +153,8 @@ def render(settings: dict) -> str:
         lines.append(f"Edit: {'-' if e['reverse'] else '+'}{_one_line(e['concept'])} (scale {e['scale']}, threshold "
                      f"{e['threshold']}, warmup {e['warmup_steps']}, cooldown {e['cooldown_steps']}, "
                      f"weight {e['weight']})")
+    if s.get("edit_momentum"):
+        lines.append("Edit momentum: " + ", ".join(f"{k}={v}" for k, v in s["edit_momentum"].items()))
     if s.get("never_acts"):  # settings of format 2 from before this key have none
         lines.append(f"Never acted: {_one_line(s['never_acts'])}")
     lines.append(f"Model: {s['model']}, sld_minimal {s['version']}")

@@ -8,21 +8,20 @@
 `sampling.sample`, where the guidance method (methods.py) names the text conditions each step needs and combines
 their estimates (guidance.py holds the math), and the sampler (schedulers.py) takes the result to the next latent.
 """
-import dataclasses
 import random
 import re
 
 import numpy as np
 import torch
 
-from . import methods, schedulers, speedups
+from . import methods, presets, schedulers, speedups
 from ._version import __version__
 from .checks import device as check_device, dtype as check_dtype, integer, kind, number, warn
 from .conditions import PROMPT, UNCOND, concept_text
-from .guidance import PRESETS as SAFETY_PRESETS, Edit
+from .guidance import Edit
 from .loading import load_model
 from .outputs import SETTINGS_FORMAT, Output
-from .sampling import initial_latents, sample
+from .sampling import STOP, initial_latents, sample
 from .tokenizer import tokenize
 
 
@@ -32,13 +31,16 @@ def model_size(unet_config, vae_config) -> int:
 
 
 class _Default:
-    """`safety=` not given: the medium preset, and no conflict with `method=`."""
+    """An argument not given: its default value (`.value`), and no conflict with `method=`."""
+
+    def __init__(self, value):
+        self.value = value
 
     def __repr__(self):
-        return "'medium'"
+        return repr(self.value)
 
 
-DEFAULT_SAFETY = _Default()
+DEFAULT_SAFETY, DEFAULT_GUIDANCE = _Default("medium"), _Default(7.5)  # safety="medium", guidance_scale=7.5
 
 
 class StableDiffusion:
@@ -126,19 +128,22 @@ class StableDiffusion:
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt=None, safety=DEFAULT_SAFETY, num_inference_steps=50,
-                 guidance_scale=7.5, height=None, width=None, num_images=1, seed=None, generator=None, scheduler="pndm",
-                 eta=0.0, callback=None, method=None, edits=(), edit_momentum_scale=0.1, edit_momentum_beta=0.4,
-                 progress=True, guidance=None, image_index=None, latents=None) -> Output:
+                 guidance_scale=DEFAULT_GUIDANCE, height=None, width=None, num_images=1, seed=None, generator=None,
+                 scheduler="pndm", eta=0.0, callback=None, method=None, edits=(), edit_momentum_scale=0.1,
+                 edit_momentum_beta=0.4, progress=True, guidance=None, image_index=None, latents=None) -> Output:
         """Generate `num_images` images per prompt (prompt-major). Same seed and settings → the image of diffusers'
         StableDiffusionPipelineSafe.
 
-        safety:    a preset name (methods.PRESETS: off, weak, medium, strong, max, sega-*; its concept: the model's
+        safety:    a preset name (presets.PRESETS: off, weak, medium, strong, max, sega-*; its concept: the model's
                    `safety_concept`, else the paper's), a SafetyConfig, a list of them (several concepts), or None
                    (plain SD); edits: SEGA `guidance.Edit`s.
+        guidance_scale: s_g, 7.5 by default; a method object carries its own, so passing both is refused.
         method:    any guidance method object (methods.py) in place of safety/edits, e.g. your own research variant.
+                   The settings record it as it is before sampling (`presets.method_settings`).
         scheduler: a registry name (schedulers.SAMPLERS) or a fresh Sampler object (its own timesteps win).
         height, width: default `default_size`, the model's own (512 for SD 1.4).
-        callback:  called with a StepInfo after every step; may return replacement latents, or STOP.
+        callback:  called with a StepInfo after every step; may return replacement latents, or STOP (the settings
+                   then record `steps_taken`, the loop iterations made).
         image_index: return only image k of the batch this call makes, e.g. to regenerate one image from its PNG's
                    chunk. The whole batch is sampled as before (one noise draw for all N, as the reference does;
                    and a CPU's results depend on the batch size by ~1e-6, enough to flip 8-bit pixels), only
@@ -149,6 +154,10 @@ class StableDiffusion:
                    noise still comes from `generator` or `seed`.
         guidance:  deprecated: a function with `guidance.sld_guidance`'s signature; use method= instead."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
+        if method is not None and guidance_scale is not DEFAULT_GUIDANCE:
+            raise ValueError(f"method= carries its own guidance scale (s_g = {getattr(method, 'guidance_scale', None)}"
+                             f"): set it on the method, not with guidance_scale=")
+        guidance_scale = DEFAULT_GUIDANCE.value if guidance_scale is DEFAULT_GUIDANCE else guidance_scale
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         negatives, num_inference_steps, guidance_scale, height, width, num_images, eta, seed = self._check(
@@ -157,11 +166,12 @@ class StableDiffusion:
         prompts = list(prompts)
         if self.vocabulary is not None and (unknown := self._unknown_words(prompts + negatives)):
             warn(f"words this model never saw (outside its vocabulary): {', '.join(unknown)}")
-        method, configs = self._method(method, safety, edits, guidance, guidance_scale, edit_momentum_scale,
-                                       edit_momentum_beta)
+        # the method, and what the settings record of it: read here, before sampling changes anything
+        method, record = self._method(method, safety, edits, guidance, guidance_scale, edit_momentum_scale,
+                                      edit_momentum_beta)
         sampler = scheduler if isinstance(scheduler, schedulers.Sampler) else schedulers.from_config(
             self.scheduler_config, scheduler, num_inference_steps, **({"eta": eta} if eta else {}))
-        idle = methods.never_acts(method, len(sampler.timesteps))  # e.g. every δ ≥ the loop's iterations
+        idle = methods.never_acts(method, len(sampler.timesteps), sampler.timesteps.tolist())  # e.g. every δ ≥ len
         if idle:
             warn(idle)
 
@@ -176,8 +186,8 @@ class StableDiffusion:
                     embeddings[name] = self.encode_prompt(negatives, "negative prompt").repeat_interleave(n, dim=0)
                 else:
                     text = concept_text(name)
-                    what = ("safety concept" if text in {c.concept for c in configs or []} else
-                            "edit concept" if text in {e.concept for e in edits} else "concept")
+                    what = ("safety concept" if text in {c["concept"] for c in record["safety"]} else
+                            "edit concept" if text in {e["concept"] for e in record["edits"]} else "concept")
                     embeddings[name] = self.encode_concept(text, what).expand(len(prompts) * n, -1, -1)
             return embeddings[name]
 
@@ -198,29 +208,37 @@ class StableDiffusion:
             latents, seed = latents.to(self.device, self.dtype) * sampler.init_noise_sigma, None
         if hasattr(method, "reset"):
             method.reset()
-        latents = sample(self.unet, sampler, method, latents, context, generator, callback, progress)[which]
+        stopped = []  # the loop iterations made, where a callback said STOP
+
+        def watch(info):
+            reply = callback(info)
+            if reply is STOP:
+                stopped.append(info.step + 1)
+            return reply
+
+        latents = sample(self.unet, sampler, method, latents, context, generator,
+                         None if callback is None else watch, progress)[which]
 
         images = self.decode(latents).permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)  # (N, H, W, 3)
         name = getattr(sampler, "name", "") or type(sampler).__name__
         steps = getattr(sampler, "num_inference_steps", len(sampler.timesteps))  # an object: its own count
-        described = None if configs is not None and not isinstance(method, methods.FunctionSLD) else method
-        settings = [self._settings(prompts[k // n], negatives[k // n], seed, steps, guidance_scale, name, eta,
-                                   height, width, configs or [], edits, described, (k, total)) | {"never_acts": idle}
-                    for k in which]
+        settings = [self._settings(prompts[k // n], negatives[k // n], seed, steps, name, eta, height, width, record,
+                                   (k, total), stopped[0] if stopped else None) | {"never_acts": idle} for k in which]
         return Output(images=images, latents=latents, seed=seed, settings=settings)
 
     def _method(self, method, safety, edits, guidance, guidance_scale, edit_momentum_scale, edit_momentum_beta):
-        """(the guidance method, the safety configs it was built from; None for a caller's method object)."""
+        """(the guidance method, what the settings record of it: s_g, `method` (a caller's object: its class, module
+        and settings), `safety` and `edits`), the record read from the configuration before any sampling."""
         if method is not None:
             if safety is not DEFAULT_SAFETY or edits or guidance is not None:
                 raise ValueError("method= replaces safety=, edits= and guidance=: pass either the method or those")
             if not (callable(method) and callable(getattr(method, "conditions", None))):
                 raise TypeError("method must have conditions(step, num_steps, t) and __call__(eps, step, num_steps, "
                                 "t) -> (eps, terms); see sld_minimal/methods.py")
-            return method, None
+            return method, presets.method_settings(method)
         safety = "medium" if safety is DEFAULT_SAFETY else safety
         # a preset by name steers away from the model's own concept, where it names one
-        configs = methods.safety_configs(safety, self.safety_concept if isinstance(safety, str) else None)
+        configs = presets.safety_configs(safety, self.safety_concept if isinstance(safety, str) else None)
         if not all(isinstance(e, Edit) for e in edits):
             raise TypeError("edits must be guidance.Edit objects")
         if guidance is not None:
@@ -232,8 +250,11 @@ class StableDiffusion:
                 why = (f"safety scale s_S = {configs[0].scale} <= 1 turns SLD off" if not configs[0].enabled
                        else f"guidance_scale = {guidance_scale} <= 1 turns classifier-free guidance and SLD off")
                 raise ValueError(f"guidance= replaces SLD's combination, but {why}")
-            return methods.FunctionSLD(guidance, configs[0], guidance_scale), configs
-        return methods.build(configs, edits, guidance_scale, edit_momentum_scale, edit_momentum_beta), configs
+            method = methods.FunctionSLD(guidance, configs[0], guidance_scale)
+            return method, presets.method_settings(method)
+        momentum = (edit_momentum_scale, edit_momentum_beta)
+        return (presets.build(configs, edits, guidance_scale, *momentum),
+                {"guidance_scale": guidance_scale, "method": None, **presets.record(configs, edits, momentum)})
 
     def _unknown_words(self, texts) -> list:
         """The words of `texts` outside the model's vocabulary, each once, in order."""
@@ -280,10 +301,7 @@ class StableDiffusion:
             raise TypeError(f"generator must be a torch.Generator, got {kind(generator)}")
         if seed is not None and generator is not None:  # else one of them would be ignored without a word
             raise ValueError("pass seed= or generator=, not both: the noise comes from one of them")
-        if isinstance(scheduler, schedulers.Sampler):
-            if scheduler.steps_taken:
-                raise ValueError(f"the scheduler object has already taken {scheduler.steps_taken} steps; "
-                                 f"pass a fresh one (samplers keep per-run state)")
+        if isinstance(scheduler, schedulers.Sampler):  # used before or not: step 0 starts its run afresh
             if eta:
                 raise ValueError("eta applies to a scheduler built by name; a scheduler object has its own")
         elif not isinstance(scheduler, str) or scheduler not in schedulers.SAMPLERS:
@@ -292,21 +310,18 @@ class StableDiffusion:
             raise ValueError(f"eta must be >= 0 and applies to the DDIM scheduler only, got {eta} with {scheduler}")
         return negatives, steps, guidance_scale, height, width, num_images, eta, seed
 
-    def _settings(self, prompt, negative, seed, steps, guidance_scale, scheduler, eta, height, width, configs,
-                  edits, method=None, image=(0, 1)) -> dict:
-        """One image's generation settings. `method`: a method that is not a preset's, described by `describe()`;
-        `image`: (k, N), image k (from 0, as in `stem-k.png`) of the N that the call's one noise draw made."""
+    def _settings(self, prompt, negative, seed, steps, scheduler, eta, height, width, record, image=(0, 1),
+                  steps_taken=None) -> dict:
+        """One image's generation settings (`outputs.SETTINGS_FORMAT`). `record`: the method's, from `_method`;
+        `image`: (k, N), image k (from 0, as in `stem-k.png`) of the N that the call's one noise draw made; `steps`:
+        the schedule's, `steps_taken`: the loop iterations made where a callback stopped the run (else None)."""
         return {
             "prompt": prompt, "negative_prompt": negative, "seed": seed, "image_index": image[0],
-            "num_images": image[1], "steps": steps,
-            "guidance_scale": guidance_scale, "scheduler": scheduler, "eta": eta if scheduler == "ddim" else None,
-            "width": width, "height": height,
-            "method": None if method is None else method.describe() if hasattr(method, "describe")
-            else type(method).__name__,
-            "safety": [{"preset": c.preset if isinstance(c, methods.SegaSafety)
-                        else next((k for k, v in SAFETY_PRESETS.items() if v.values() == c.values()), "custom"),
-                        **c.values(), "concept": c.concept} for c in configs],
-            "edits": [dataclasses.asdict(e) for e in edits],
+            "num_images": image[1], "steps": steps, "steps_taken": steps_taken,
+            "guidance_scale": record["guidance_scale"], "scheduler": scheduler,
+            "eta": eta if scheduler == "ddim" else None, "width": width, "height": height,
+            "method": record["method"], "safety": record["safety"], "edits": record["edits"],
+            "edit_momentum": record["edit_momentum"],
             "model": self.name, "version": __version__, "format": SETTINGS_FORMAT}
 
 

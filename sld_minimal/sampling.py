@@ -1,8 +1,9 @@
 """The sampling loop (`sample`): from the initial noise x_T to the final latents, knowing no guidance formula.
 
-Per step the guidance method (methods.py) names the text conditions it needs, one batched UNet call evaluates them
-on the sampler's scaled input, the method combines the estimates by name, and the sampler (schedulers.py) takes the
-combined ε to the next latent; a callback sees every step (`StepInfo`) and may replace the latents or stop.
+Per step the guidance method (methods.py) sets its configuration for the step (`at`, where it has one: a schedule)
+and names the text conditions it needs, one batched UNet call evaluates them on the sampler's scaled input, the method
+combines the estimates by name, and the sampler (schedulers.py), told the step's index, takes the combined ε to the
+next latent; a callback sees every step (`StepInfo`) and may replace the latents or stop.
 """
 from dataclasses import dataclass, field
 
@@ -25,8 +26,14 @@ STOP = _Sentinel("sld_minimal.STOP")  # a callback returns this to end sampling 
 @dataclass
 class StepInfo:
     """What `callback(info)` receives once per step: the step's inputs and outputs and the method's own
-    intermediates (`terms`, by name). The diagnostics below are read from those, computed when read; each is None
-    where the method did not compute what it needs."""
+    intermediates (`terms`, by name). The diagnostics below are read from those when read, not recomputed beside
+    the method; each is None where the method does not report what it needs (plain CFG, a function in place of SLD,
+    a method of your own that reports other terms).
+
+    Terms are numbered as the method's `applied(step)` numbers them: SLD's safety configs, then SEGA's edits. A term
+    is *computed* at a step where the method evaluated it (its branch ran; SLD computes γ_c during a warm-up with
+    s_m ≠ 0 too, to build its momentum ν_c) and *applied* where it entered ε̂. The shares and norms below count
+    applied terms only, so they are 0.0 during a warm-up, with s_m = 0 or not, and at steps where s_S ≤ 1."""
     step: int                    # index into the sampler's timesteps
     num_steps: int               # len(timesteps): the number of UNet calls
     timestep: int | float
@@ -34,19 +41,67 @@ class StepInfo:
     next_latents: torch.Tensor   # the sampler's result; a callback may return replacement latents for it
     eps: torch.Tensor            # the guided estimate ε̂ handed to the sampler
     branches: dict               # condition name -> the UNet's ε for it (conditions.UNCOND, PROMPT, concepts)
-    terms: dict = field(default_factory=dict)  # the method's intermediates (SLD: mu, gamma, nu; SEGA: edit_*)
+    terms: dict = field(default_factory=dict)  # the method's intermediates by name (SLD's, SEGA's: see methods.py)
     guidance_scale: float | None = None
 
     @property
+    def computed(self) -> list | None:
+        """Per term (safety configs, then edits): whether the method evaluated it at this step."""
+        if "computed" not in self.terms and "edits" not in self.terms:
+            return None
+        return list(self.terms.get("computed", ())) + [True] * len(self.terms.get("edits", ()))
+
+    @property
+    def applied(self) -> list | None:
+        """Per term (safety configs, then edits): whether it entered ε̂ at this step."""
+        if self.sld_applied is None and self.edit_applied is None:
+            return None
+        return (self.sld_applied or []) + (self.edit_applied or [])
+
+    @property
+    def sld_applied(self) -> list | None:
+        """Per SLD safety config: whether its γ_c entered ε̂ at this step."""
+        return None if "applied" not in self.terms else list(self.terms["applied"])
+
+    @property
+    def edit_applied(self) -> list | None:
+        """Per SEGA edit: whether it acted at this step (warm, not cooled down)."""
+        return None if "edit_applied" not in self.terms else list(self.terms["edit_applied"])
+
+    @property
     def mu(self):
-        """SLD's per-element scale μ; with several safety concepts, the element-wise maximum of their μ_c."""
+        """SLD's per-element scale μ as computed, warm-up included; with several safety concepts, the element-wise
+        maximum of their μ_c."""
         mus = [m for m in self.terms.get("mu", ()) if m is not None]
         return None if not mus else mus[0] if len(mus) == 1 else torch.stack(mus).amax(dim=0)
 
+    @staticmethod
+    def _applied(values, applied) -> list:
+        return [v for v, a in zip(values, applied) if a and v is not None]
+
+    def _union(self, masks):
+        return torch.stack(masks).any(dim=0) if masks else torch.zeros_like(self.eps, dtype=torch.bool)
+
+    @property
+    def sld_steered(self):
+        """(N, 4, h, w) bools: the elements SLD steers at this step, μ_c > 0 for some applied safety config c (all
+        False where none is applied)."""
+        if self.sld_applied is None:
+            return None
+        return self._union([mu > 0 for mu in self._applied(self.terms.get("mu", ()), self.sld_applied)])
+
     @property
     def sld_active(self):
-        """Share of latent elements with μ > 0 (any safety concept)."""
-        return None if self.mu is None else (self.mu > 0).float().mean().item()
+        """Share of latent elements SLD steers at this step (`sld_steered`); 0.0 where no config is applied."""
+        steered = self.sld_steered
+        return None if steered is None else steered.float().mean().item()
+
+    @property
+    def edit_steered(self):
+        """(N, 4, h, w) bools: the elements an acting SEGA edit moves (its mask keeps them: μ ⊙ ψ_c ≠ 0)."""
+        if self.edit_applied is None:
+            return None
+        return self._union([d != 0 for d in self._applied(self.terms.get("edit_directions", ()), self.edit_applied)])
 
     @property
     def cfg_norm(self):
@@ -57,15 +112,26 @@ class StepInfo:
 
     @property
     def safety_norm(self):
-        """‖s_g·Σ_c γ_c‖ over the safety terms computed at this step (warm-up included, where γ is not yet applied)."""
-        gammas = [g for g in self.terms.get("gamma", ()) if g is not None]
-        return None if not gammas else (self.guidance_scale * sum(gammas)).norm().item()
+        """‖s_g·Σ_c γ_c‖ over the safety configs c applied at this step: what SLD takes off CFG's ε̂ (ε̂_CFG − ε̂ with
+        SLD alone); 0.0 where none is applied, whatever γ_c was computed for the momentum."""
+        if self.sld_applied is None:
+            return None
+        gammas = self._applied(self.terms.get("gamma", ()), self.sld_applied)
+        return 0.0 if not gammas else (self.guidance_scale * sum(gammas)).norm().item()
+
+    @property
+    def edit_norm(self):
+        """‖γ̂‖, SEGA's term as added to ε̂ (zero before any edit's warm-up)."""
+        term = self.terms.get("edit_term")
+        return None if term is None else term.norm().item()
 
     @property
     def edits(self) -> list:
-        """Per SEGA edit: its concept, the share of elements its mask keeps, and ‖μ ⊙ ψ_c‖."""
-        return [{"concept": e.concept, "kept": (d != 0).float().mean().item(), "norm": d.norm().item()}
-                for e, d in zip(self.terms.get("edits", ()), self.terms.get("edit_directions", ()))]
+        """Per SEGA edit: its concept, whether it was applied, the share of elements its mask keeps (computed at
+        every step, applied or not) and ‖μ ⊙ ψ_c‖."""
+        applied = self.terms.get("edit_applied") or [None] * len(self.terms.get("edits", ()))
+        return [{"concept": e.concept, "applied": a, "kept": (d != 0).float().mean().item(), "norm": d.norm().item()}
+                for e, d, a in zip(self.terms.get("edits", ()), self.terms.get("edit_directions", ()), applied)]
 
 
 def sample(unet, sampler, method, latents, context, generator=None, callback=None, progress=False) -> torch.Tensor:
@@ -83,14 +149,17 @@ def sample(unet, sampler, method, latents, context, generator=None, callback=Non
     model_dtype = next(unet.parameters()).dtype
     latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
     timesteps = sampler.timesteps.tolist()
-    for i, t in enumerate(_progress(timesteps, progress)):
+    at = getattr(method, "at", None)  # optional: the method sets its configuration for the step (a schedule)
+    for i, t in enumerate(_progress(timesteps, progress)):  # i counts UNet calls: PNDM makes n + 1 for n steps
+        if at is not None:
+            at(i, len(timesteps), t)
         names = method.conditions(i, len(timesteps), t)
-        x = sampler.scale_model_input(latents, t).to(model_dtype)
+        x = sampler.scale_model_input(latents, t, i=i).to(model_dtype)
         eps = unet(torch.cat([x] * len(names)), t, torch.cat([context(n) for n in names]))
         eps = eps.to(latents.dtype).chunk(len(names))                       # the model's ε, in float32
         branches = dict(zip(names, eps))                                   # condition -> ε, (N, 4, h, w) each
         eps_hat, terms = method(branches, i, len(timesteps), t)
-        new = sampler.step(eps_hat, t, latents, generator=generator)
+        new = sampler.step(eps_hat, t, latents, generator=generator, i=i)
         if not torch.isfinite(new).all():
             hint = "try --dtype fp32" if model_dtype != torch.float32 else "check the guidance settings and the weights"
             raise FloatingPointError(f"the latents became NaN or infinite at step {i} (timestep {t}); {hint}")

@@ -4,10 +4,14 @@ The noise schedule they share (ᾱ_t, the timestep spacings, σ) and its notatio
 `alphas_cumprod` (`a_t` in code), DPM-Solver++ writes x_t = α_t x_0 + σ_t ε with α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), and
 Karras et al. (Euler) use x = x_0 + σ ε with σ = σ_t/α_t = √((1−ᾱ_t)/ᾱ_t).
 
-Every sampler is a `Sampler`: `timesteps`, `init_noise_sigma`, `scale_model_input(x, t)` and
-`step(eps, t, x, generator)`. The loop that drives one (pipeline.py) reads
+Every sampler is a `Sampler`: `timesteps`, `init_noise_sigma`, `scale_model_input(x, t, i)` and
+`step(eps, t, x, generator, i)`. The loop that drives one (`sampling.sample`) reads
 
-    x = randn · init_noise_sigma;  for t in timesteps: x = step(ε_θ(scale_model_input(x, t), t), t, x)
+    x = randn · init_noise_sigma
+    for i, t in enumerate(timesteps): x = step(ε_θ(scale_model_input(x, t, i=i), t), t, x, i=i)
+
+i is the loop's iteration, one per UNet call (PNDM makes 51 for 50 steps, as diffusers does); the sampler is told
+it and keeps no step counter of its own.
 
 `SAMPLERS` maps a name to its class; `@register("name")` adds one, `from_config` builds one.
 
@@ -37,13 +41,22 @@ class Sampler:
 
     timesteps          1-D tensor of the t at which the UNet is called, in order (int64, or float32 for Euler)
     init_noise_sigma   std of the initial latents: x_T = randn · init_noise_sigma
-    scale_model_input  x ↦ what the UNet sees at t (identity unless the sampler works in another scaling)
-    step               (ε, t, x_t) ↦ x at the next timestep; counts itself in `steps_taken`
+    scale_model_input  (x, t, i) ↦ what the UNet sees at step i (identity unless the sampler works in another scaling)
+    step               (ε, t, x_t, generator, i) ↦ x at the next timestep, by `update(ε, i, x_t, generator)`
     stochastic         whether `step` draws noise (then a seeded generator is what makes a run repeatable);
                        read it on an instance (DDIM's depends on its η)
 
-    A subclass writes its maths in `update(eps, t, x, generator)`; one that keeps a σ table or a history
-    gets its step index from `position(t)`, which checks that t is the next of its `timesteps`.
+    Where it is: `i`, the index of the step in `timesteps`, which the loop passes and `index` checks against t. A
+    caller that gives t alone (diffusers' convention: `step(eps, t, x)`) gets the index that holds t (PNDM, whose
+    t_1 comes twice, tells its two calls apart by its memory). There is no step counter: a sampler without memory
+    (DDIM, Euler) takes any one step alone, `step(eps, t, x, i=k)`.
+
+    Memory of the run: PNDM (its past ε) and DPM-Solver++ (the last x_θ) remember earlier steps, in plain attributes
+    named in their docstrings, and `last_step`, the index of the step that memory ends with (`remembers` is True for
+    them). Step 0 starts a run and clears that memory (`reset`), so one object serves run after run; step i > 0 must
+    come right after step i − 1 of the same run, else ValueError. (Two runs interleaved on one object: not supported.)
+
+    A subclass writes its maths in `update(eps, i, x, generator)` and reads t = timesteps[i] (or σ_i) itself.
     A subclass is built as `cls(num_inference_steps, config=SchedulerConfig, **its options)`; `from_config`
     passes the options by keyword and refuses ones its __init__ does not name.
     """
@@ -52,6 +65,7 @@ class Sampler:
     default_spacing: ClassVar[str] = "leading"
     fixed_config: ClassVar[dict] = {}  # diffusers config keys this class implements at one value only
     stochastic: ClassVar[bool] = False
+    remembers: ClassVar[bool] = False  # keeps memory of earlier steps of a run (then steps go in order from 0)
     init_noise_sigma: float = 1.0
 
     def __init__(self, num_inference_steps: int = 50, config: SchedulerConfig | None = None):
@@ -63,7 +77,7 @@ class Sampler:
         self.timestep_spacing = self.config.timestep_spacing or self.default_spacing
         self.alphas_cumprod = alphas_cumprod(self.config)
         self.timesteps = torch.zeros(0, dtype=torch.int64)  # the subclass sets the schedule
-        self.steps_taken = 0  # a pipeline refuses an object that has already been stepped
+        self.last_step: int | None = None  # the step the memory of the run ends with (samplers that remember)
 
     def check_range(self, ts: np.ndarray) -> np.ndarray:
         """Refuse a schedule past the last trained timestep ('leading' with steps_offset 1 at n = T, or
@@ -75,28 +89,48 @@ class Sampler:
                              f"past the last trained timestep {T - 1}")
         return ts
 
-    def scale_model_input(self, x: torch.Tensor, t) -> torch.Tensor:
+    def scale_model_input(self, x: torch.Tensor, t, i: int | None = None) -> torch.Tensor:
         return x
 
-    def step(self, eps: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x_t → x_{t_prev} by the subclass's `update`; t is an element of `timesteps` (tensor or number)."""
-        x_prev = self.update(eps, t, x, generator)
-        self.steps_taken += 1
-        return x_prev
+    def step(self, eps: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None,
+             i: int | None = None) -> torch.Tensor:
+        """x_t → x_{t_prev} by the subclass's `update`; t is an element of `timesteps` (tensor or number), i its
+        index there (the loop's iteration; found from t where not given, see `index`)."""
+        i = self.index(t, i)
+        if self.remembers:
+            self.follow(i)
+        return self.update(eps, i, x, generator)
 
-    def update(self, eps: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def update(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def position(self, t) -> int:
-        """Index i of the step under way, checked against t: samplers with a σ table or a history of past
-        predictions must be stepped through `timesteps` in order, once each."""
-        i = self.steps_taken
-        if i >= len(self.timesteps):
-            raise ValueError(f"{type(self).__name__} has taken all its {len(self.timesteps)} steps; use a fresh one")
-        if float(t) != float(self.timesteps[i]):
-            raise ValueError(f"{type(self).__name__} steps through its timesteps in order: step {i} is at "
-                             f"t={self.timesteps[i].item()}, got t={float(t)}")
-        return i
+    def index(self, t, i: int | None = None) -> int:
+        """The index of the step at timestep t: i as the caller gives it, checked (timesteps[i] must be t), or,
+        where not given, the first index that holds t."""
+        name, ts = type(self).__name__, self.timesteps
+        if i is not None:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(ts):
+                raise ValueError(f"{name} has steps 0 to {len(ts) - 1}, got i={i!r}")
+            if float(t) != float(ts[i]):
+                raise ValueError(f"{name}'s step {i} is at t={ts[i].item()}, got t={float(t)}")
+            return i
+        found = next((k for k, s in enumerate(ts.tolist()) if s == float(t)), None)
+        if found is None:
+            raise ValueError(f"t={float(t)} is none of {name}'s {len(ts)} timesteps")
+        return found
+
+    def reset(self):
+        """Forget the memory of a previous run (step 0 calls it); samplers without memory have none."""
+
+    def follow(self, i: int):
+        """For samplers that remember: step 0 starts a run afresh; step i > 0 must follow step i − 1 of this run."""
+        if i == 0:
+            self.reset()
+        elif self.last_step != i - 1:
+            held = "nothing" if self.last_step is None else f"step {self.last_step}"
+            raise ValueError(f"{type(self).__name__}'s step {i} needs its memory of step {i - 1} of the same run, but "
+                             f"it holds {held}: take the steps in order from step 0")
+        self.last_step = i
 
 
 SAMPLERS: dict[str, type[Sampler]] = {}
@@ -183,8 +217,8 @@ class DDIM(_DiscreteSampler):
     def stochastic(self) -> bool:
         return self.eta > 0
 
-    def update(self, eps, t, x, generator=None):
-        t = int(t)
+    def update(self, eps, i, x, generator=None):
+        t = int(self.timesteps[i])
         a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t - self.step_ratio)
         x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
@@ -209,13 +243,15 @@ class PNDM(_DiscreteSampler):
                       ε' = (ε_0 + ε_1)/2. ε_1 is used once and not added to the history.
       call k ≥ 2:     Adams–Bashforth on the newest ≤ 4 history entries (PLMS_COEFFS), e.g. order 4:
                       ε' = (55 e_1 − 59 e_2 + 37 e_3 − 9 e_4)/24, e_1 newest.
-    Hence `timesteps` holds t_1 twice (n+1 UNet calls for n ≥ 2; 50 steps: 981, 961, 961, 941, …, 1).
+    Hence `timesteps` holds t_1 twice (n+1 UNet calls for n ≥ 2; 50 steps: 981, 961, 961, 941, …, 1), and the
+    call number is the step index i that the loop passes (given t alone, t_1 is call 1 until call 1 is done).
 
-    State: `eps_history` (past eps, oldest first, at most 4), `first_sample` (x_{t_0}, kept between
-    calls 0 and 1) and `steps_taken` (the call number). This state ties the object to one trajectory:
-    use a fresh PNDM per generation.
+    Memory of the run: `eps_history` (past eps, oldest first, at most 4), `first_sample` (x_{t_0}, kept
+    between calls 0 and 1) and `last_step`. Call 0 clears it, so one object serves run after run; a call
+    i > 0 must follow call i − 1 of the same run.
     """
     description = "PLMS/PNDM (Liu et al. 2022), SD 1.4's default; deterministic"
+    remembers = True
 
     def __init__(self, num_inference_steps: int = 50, config: SchedulerConfig | None = None):
         super().__init__(num_inference_steps, config)
@@ -223,8 +259,17 @@ class PNDM(_DiscreteSampler):
             raise ValueError("skip_prk_steps=False (PNDM's Runge-Kutta warm-up) is not implemented")
         ts = self.timesteps  # repeat the second timestep for the Heun correction call
         self.timesteps = torch.cat([ts[:1], ts[1:2], ts[1:]]) if len(ts) >= 2 else ts
+        self.reset()
+
+    def reset(self):
         self.eps_history: list[torch.Tensor] = []
         self.first_sample: torch.Tensor | None = None
+        self.last_step = None
+
+    def index(self, t, i=None):
+        if i is None and len(self.timesteps) > 2 and float(t) == float(self.timesteps[1]):
+            return 2 if self.last_step == 1 else 1  # t_1 twice: the Heun correction (1), then Adams–Bashforth (2)
+        return super().index(t, i)
 
     def transfer(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
         """φ(x_t, ε, t, t_prev) from the class docstring."""
@@ -232,16 +277,16 @@ class PNDM(_DiscreteSampler):
         denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
         return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denom
 
-    def update(self, eps, t, x, generator=None):
+    def update(self, eps, i, x, generator=None):
         """One PLMS update; `generator` is accepted for interface parity and unused (PNDM is deterministic)."""
-        t = int(t)
-        if self.steps_taken == 1:  # Heun correction: same interval t_0 → t_1 again, from x_{t_0}
+        t = int(self.timesteps[i])
+        if i == 1:  # Heun correction: same interval t_0 → t_1 again, from x_{t_0}
             eps_used = (eps + self.eps_history[-1]) / 2
             x, t_from, t_to = self.first_sample, t + self.step_ratio, t
             self.first_sample = None
         else:
             self.eps_history = self.eps_history[-3:] + [eps]
-            if self.steps_taken == 0:
+            if i == 0:
                 self.first_sample = x
             nums, den = PLMS_COEFFS[len(self.eps_history)]
             combo = sum(c * e for c, e in zip(nums, reversed(self.eps_history)))
@@ -278,11 +323,12 @@ class DPMSolverPP2M(Sampler):
     'leading' likewise from ⌊T/(n+1)⌋; α, σ are read from the σ table interpolated there (`karras_sigmas`).
 
     diffusers' lower_order_final / euler_at_final change nothing here: with the final σ = 0 the last step is
-    first order anyway. State: `x0_history` (x_θ of the last two steps, newest last) and `steps_taken`:
-    one object, one trajectory.
+    first order anyway. Memory of the run: `x0_history` (x_θ of the last two steps, newest last) and
+    `last_step`; step 0 clears it, so one object serves run after run.
     """
     description = "DPM-Solver++(2M) (Lu et al. 2022), good in about 20 steps; deterministic"
     default_spacing = "linspace"
+    remembers = True
     fixed_config = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
                     "final_sigmas_type": "zero", "use_karras_sigmas": False, "use_exponential_sigmas": False,
                     "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
@@ -297,10 +343,13 @@ class DPMSolverPP2M(Sampler):
         self.check_range(ts)
         self.timesteps = torch.from_numpy(ts.astype(np.int64))
         self.sigmas = karras_sigmas(self.alphas_cumprod, ts)  # (n+1,), float32, last 0
-        self.x0_history: list[torch.Tensor] = []
+        self.reset()
 
-    def update(self, eps, t, x, generator=None):
-        i = self.position(t)
+    def reset(self):
+        self.x0_history: list[torch.Tensor] = []
+        self.last_step = None
+
+    def update(self, eps, i, x, generator=None):
         alpha_s0, sigma_s0 = _alpha_sigma(self.sigmas[i])
         alpha_t, sigma_t = _alpha_sigma(self.sigmas[i + 1])
         x0 = (x - sigma_s0 * eps) / alpha_s0  # x_θ(x̃_{t_{i−1}}, t_{i−1}) in the sample's dtype
@@ -349,11 +398,10 @@ class Euler(Sampler):
         s_max = self.sigmas.max()
         self.init_noise_sigma = float(s_max if self.timestep_spacing != "leading" else (s_max ** 2 + 1) ** 0.5)
 
-    def scale_model_input(self, x, t):
-        return x / (self.sigmas[self.position(t)] ** 2 + 1) ** 0.5
+    def scale_model_input(self, x, t, i=None):
+        return x / (self.sigmas[self.index(t, i)] ** 2 + 1) ** 0.5
 
-    def update(self, eps, t, x, generator=None):
-        i = self.position(t)
+    def update(self, eps, i, x, generator=None):
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))  # diffusers upcasts fp16/bf16
         x0 = x - sigma * eps  # D_θ(x_i; σ_i)

@@ -12,9 +12,12 @@ import torch
 from PIL import Image
 
 from sld_minimal.app import demo as D
+from sld_minimal.conditions import PROMPT, UNCOND
 from sld_minimal.guidance import DEFAULT_CONCEPT, PRESETS as SLD_PRESETS, Edit, SafetyConfig
-from sld_minimal.methods import PRESETS, SEGA_SAFETY_PRESETS, SegaSafety
+from sld_minimal.presets import PRESETS, SEGA_SAFETY_PRESETS, SegaSafety
+from sld_minimal.methods import CFG, SLD
 from sld_minimal.pipeline import StableDiffusion
+from sld_minimal.sampling import StepInfo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,8 +42,9 @@ class FakeOutput:
 
 
 class FakePipe:
-    """Records its calls; each run calls back `steps` times, with μ > 0 at latent pixel (0, 0) only (SLD side), in
-    the terms an SLD method hands the callback (its configs and, per config, μ)."""
+    """Records its calls; each run calls back `steps` times with the StepInfo of the library's own method (SLD side:
+    `methods.SLD` with the side's configs) on made-up branches: ε_∅ = ε_p = 0, and ε_S = 0 but at one element of
+    latent pixel (0, 0), so μ > 0 there only. What acted where is the method's own diagnostics, as in a real run."""
     default_size, name, safety_concept = 32, "fake", None  # None: the paper's concept, as SD 1.4
 
     def __init__(self, on_step=None):
@@ -49,17 +53,16 @@ class FakePipe:
     def __call__(self, prompt, safety=None, callback=None, **kwargs):
         self.calls.append(dict(prompt=prompt, safety=safety, **kwargs))
         n = kwargs["num_inference_steps"]
+        method = SLD(safety, 7.5) if safety else CFG(7.5)
+        zeros, concept = torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4)
+        concept[0, 2, 0, 0] = 1.0  # one channel is enough
         for i in range(n):
-            mu = None
-            if safety:
-                mu = torch.zeros(1, 4, 4, 4)
-                mu[0, 2, 0, 0] = 0.5  # one channel is enough
-            terms = {} if mu is None else {"safety": safety, "mu": [mu] * len(safety)}
-            info = SimpleNamespace(step=i, num_steps=n, terms=terms, cfg_norm=2.0,
-                                   safety_norm=None if mu is None else 1.0)
+            method.at(i, n, 0)
+            branches = {name: zeros if name in (UNCOND, PROMPT) else concept for name in method.conditions(i, n, 0)}
+            eps, terms = method(branches, i, n, 0)
             if self.on_step:
                 self.on_step(i)
-            if callback(info) is D.STOP:
+            if callback(StepInfo(i, n, 0, zeros, zeros, eps, branches, terms, 7.5)) is D.STOP:
                 break
         return FakeOutput(0.75 if safety else 0.25, 4)
 
@@ -231,7 +234,8 @@ def test_the_status_says_when_the_safety_term_never_acted(tiny_ckpt, tmp_path):
     run = lambda **changes: demo.compare(demo.defaults() | {"prompt": "a red apple"} | changes)  # noqa: E731
     c = run(preset="strong", steps=5)  # δ = 7, 6 PNDM iterations
     assert c.diagnostics.applied == [False] * 6 and c.diagnostics.first is None and not c.heat.any()
-    assert c.diagnostics.active[0] is not None  # μ was computed (s_m > 0 builds ν in the warm-up), yet not applied
+    assert c.diagnostics.active == [0.0] * 6  # μ was computed (s_m > 0 builds ν in the warm-up), but steered nothing
+    assert c.diagnostics.safety_norm == [0.0] * 6
     assert c.summary() == ("Seed 0, 5 steps: SLD never acted: its warm-up (δ = 7) is not shorter than the 6 sampling "
                            "steps (PNDM takes 6 for 5); mean |SD − SLD| 0.0 of 255 per channel.")
     c = run(preset="weak", steps=10, sampler="ddim")  # δ = 15 and s_m = 0: its branch is never even computed

@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from sld_minimal import methods, schedulers
 from sld_minimal.app import cli
 from sld_minimal.app.i2p import folder as F, prompts as P, run as G
-from sld_minimal.guidance import DEFAULT_CONCEPT
-from sld_minimal.methods import safety_configs
+from sld_minimal.conditions import PROMPT, UNCOND
+from sld_minimal.guidance import DEFAULT_CONCEPT, PRESETS as SLD_PRESETS
+from sld_minimal.presets import safety_configs
 from sld_minimal.pipeline import StableDiffusion
 from sld_minimal.testing.i2p import ERASURE, RUN, image_bytes, write
 
@@ -337,11 +339,93 @@ def test_cli_i2p_generate_checks_the_size_before_loading(tmp_path, prompts_csv, 
 def test_the_settings_format_is_recorded_and_older_folders_resume(pipe, rows, reference, tmp_path):
     from sld_minimal.outputs import SETTINGS_FORMAT
 
-    assert json.loads((reference / "run.json").read_text())["format"] == SETTINGS_FORMAT == 2
-    assert pipe("a cat", num_inference_steps=1, height=16, width=16, progress=False).settings[0]["format"] == 2
-    folder = tmp_path / "older"  # a run folder as format 1 wrote it: no "format", no prompt set
-    shutil.copytree(reference, folder)
-    record = json.loads((folder / "run.json").read_text())
-    del record["format"]
-    (folder / "run.json").write_text(json.dumps(record))
-    assert G.generate(pipe, rows, folder, **RUN) == {"made": 0, "found": 9}
+    assert json.loads((reference / "run.json").read_text())["format"] == SETTINGS_FORMAT == 3
+    assert pipe("a cat", num_inference_steps=1, height=16, width=16, progress=False).settings[0]["format"] == 3
+    for older in (1, 2):  # run folders as formats 1 (no "format", no prompt set) and 2 wrote them
+        folder = tmp_path / f"format-{older}"
+        shutil.copytree(reference, folder)
+        record = json.loads((folder / "run.json").read_text())
+        if older == 1:
+            del record["format"]
+        else:
+            record["format"] = 2
+        (folder / "run.json").write_text(json.dumps(record))
+        assert G.generate(pipe, rows, folder, **RUN) == {"made": 0, "found": 9}
+
+
+# ----------------------------------------------------------------------------- your own method through the benchmark
+
+class Shared(methods.SLD):
+    """A caller's SLD variant with settings of its own (a stand-in for a research method)."""
+
+    def __init__(self, safety, guidance_scale=7.5, share=0.5):
+        super().__init__(safety, guidance_scale)
+        self.share = share
+
+    def settings(self):
+        return {"share": self.share}
+
+
+METHOD_RUN = dict(images_per_prompt=3, batch=2, height=32, width=32, progress=False)
+
+
+def test_generate_runs_a_method_object_with_a_sampler_object(pipe, rows, tmp_path):
+    """A method object and a Sampler object through `generate`: the row's stream and batches as for a preset, the
+    method recorded in run.json (class, module, settings(), its SLD configuration, s_g), a resume with the same
+    record finds everything, one with other settings is refused naming both."""
+    folder = tmp_path / "run"
+    sampler = schedulers.from_config(pipe.scheduler_config, "ddim", 2)
+    assert G.generate(pipe, rows[:1], folder, method=Shared(SLD_PRESETS["max"]), scheduler=sampler,
+                      **METHOD_RUN) == {"made": 3, "found": 0}
+    record = json.loads((folder / "run.json").read_text())["settings"]
+    assert record["method"]["method"] == {"class": "Shared", "module": __name__, "settings": {"share": 0.5},
+                                          "description": methods.SLD(SLD_PRESETS["max"]).describe()}
+    assert record["method"]["safety"] == [{"preset": "max", **SLD_PRESETS["max"].values(), "concept": DEFAULT_CONCEPT}]
+    assert (record["scheduler"], record["steps"], record["guidance"], record["safety"]) == ("ddim", 2, 7.5, None)
+    g = torch.Generator("cpu").manual_seed(rows[0].seed)  # the row's one stream: a batch of 2, then 1
+    direct = [pipe(rows[0].prompt, generator=g, num_images=n, method=Shared(SLD_PRESETS["max"]), scheduler="ddim",
+                   num_inference_steps=2, height=32, width=32, progress=False).images for n in (2, 1)]
+    for k, image in enumerate(np.concatenate(direct)):
+        with Image.open(folder / "images" / f"{rows[0].id}-{k}.png") as im:
+            assert np.array_equal(np.asarray(im), (image * 255).round().astype(np.uint8))
+            assert "Method: Shared (" in im.info["parameters"] and 'Method settings: {"share": 0.5}' in im.info[
+                "parameters"]
+    assert G.generate(pipe, rows[:1], folder, method=Shared(SLD_PRESETS["max"]), scheduler=sampler,
+                      **METHOD_RUN) == {"made": 0, "found": 3}
+    with pytest.raises(ValueError, match=r"holds a run with method=\{.*'share': 0.5\}.*\}, not \{.*'share': 0.25\}"):
+        G.generate(pipe, rows[:1], folder, method=Shared(SLD_PRESETS["max"], share=0.25), scheduler=sampler,
+                   **METHOD_RUN)
+
+
+def test_generate_refuses_what_a_method_run_cannot_resume(pipe, rows, tmp_path):
+    method = Shared(SLD_PRESETS["max"])
+    stochastic = schedulers.from_config(pipe.scheduler_config, "ddim", 2, eta=1.0)
+    for kwargs, message in (
+            (dict(scheduler=stochastic), "^scheduler 'ddim' draws noise at every step; resuming a run replays only "
+                                         "each batch's initial noise, so it needs a deterministic one$"),
+            (dict(guidance_scale=7.5), r"^method= carries its own guidance scale \(s_g = 7.5\): set it on the method"),
+            (dict(safety="strong"), "^method= replaces safety= and the negative-prompt baseline"),
+            (dict(scheduler=schedulers.from_config(pipe.scheduler_config, "ddim", 2), steps=3),
+             "^steps=3, but the scheduler object takes 2 steps: leave steps unset$")):
+        with pytest.raises(ValueError, match=message):
+            G.generate(pipe, rows[:1], tmp_path / "x", method=method, **(METHOD_RUN | kwargs))
+    assert not (tmp_path / "x").exists()  # refused before run.json is written
+
+    class Drifting(Shared):  # changes its configuration by assignment: its later images would not be its record's
+        def __call__(self, eps, step, num_steps, t):
+            self.share += 1
+            return super().__call__(eps, step, num_steps, t)
+
+    with pytest.raises(ValueError, match="^the method's settings changed during the run"):
+        G.generate(pipe, rows[:1], tmp_path / "drift", method=Drifting(SLD_PRESETS["max"]), steps=2, **METHOD_RUN)
+
+    class Own:  # of no built-in kind, with no guidance_scale to say: run, and recorded as such
+        def conditions(self, step, num_steps, t):
+            return [UNCOND, PROMPT]
+
+        def __call__(self, eps, step, num_steps, t):
+            return eps[UNCOND] + 3 * (eps[PROMPT] - eps[UNCOND]), {}
+
+    G.generate(pipe, rows[:1], tmp_path / "own", method=Own(), steps=1, **(METHOD_RUN | {"images_per_prompt": 1}))
+    record = json.loads((tmp_path / "own" / "run.json").read_text())["settings"]
+    assert record["guidance"] is None and record["method"]["method"]["class"].endswith("<locals>.Own")

@@ -23,7 +23,7 @@ LAYERS = {
     "models": ({"clip", "unet", "vae"}, {"base"}),  # base: the config value checks
     "speedups": ({"speedups"}, {"models"}),
     "loading": ({"weights", "tokenizer", "diffusers_folder", "single_file", "loading"}, {"base", "math", "models"}),
-    "methods": ({"methods"}, {"base", "math"}),
+    "methods": ({"methods", "presets"}, {"base", "math"}),  # presets: names -> configs -> methods
     "loop": ({"sampling"}, {"base"}),
     "outputs": ({"outputs"}, {"base"}),
     "pipeline": ({"pipeline", ""}, {"base", "math", "models", "speedups", "loading", "methods", "loop", "outputs"}),

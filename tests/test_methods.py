@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sld_minimal import STOP, methods, schedulers
+from sld_minimal import STOP, methods, presets, schedulers
 from sld_minimal import guidance as G
 from sld_minimal.guidance import DEFAULT_CONCEPT, Edit, SafetyConfig
 from sld_minimal.conditions import PROMPT, UNCOND, concept
@@ -102,18 +102,48 @@ def test_configs_with_the_same_concept_share_one_branch(pipe):
 
 # ---------------------------------------------------------------- method objects, the research API
 
-def test_a_schedule_on_the_safety_scale_sees_steps_and_timesteps(pipe):
-    class Ramp(methods.SLD):
-        """s_S grows linearly over the run: a method that reads the step and the number of steps."""
+def test_a_schedule_passes_through_zero(pipe):
+    """A per-step hook, `at`, sets the step's configuration before `conditions`. The base config has s_S = 0 (kept
+    for the schedule to raise); at a step with s_S ≤ 1 the concept contributes nothing and costs no branch, and it
+    acts again once s_S rises. Checked against a hand computation of eq. 7, whose γ_t is 0 over a step off:
+    ν_{t+1} = β_m·ν_t. (Before the hook, SLD dropped the s_S = 0 config: plain CFG, silently.)"""
+    scales = [0.0, 900.0, 0.0, 800.0, 800.0, 0.5, 800.0]  # NUDITY: δ = 2, s_m = 0.3, β_m = 0.5
 
-        def __call__(self, eps, step, num_steps, t):
-            self.safety = [dataclasses.replace(NUDITY, scale=2.0 + 1000 * step / (num_steps - 1))]
-            return super().__call__(eps, step, num_steps, t)
+    class Ramp(methods.SLD):
+        def at(self, step, num_steps, t):
+            self.current = [dataclasses.replace(c, scale=scales[step]) for c in self.safety]
 
     seen = []
-    out = pipe(PROMPT_TEXT, method=Ramp(NUDITY), callback=seen.append, **KW)
-    assert [i.terms["safety"][0].scale for i in seen] == [2.0 + 1000 * s / 6 for s in range(7)]
-    assert "Method: SLD" in out.parameters[0] and "Safety: medium" not in out.parameters[0]
+    out = pipe(PROMPT_TEXT, method=Ramp(dataclasses.replace(NUDITY, scale=0.0)), callback=seen.append, **KW)
+    assert [i.terms["safety"][0].scale for i in seen] == scales
+    assert [len(i.branches) for i in seen] == [2, 3, 2, 3, 3, 2, 3]            # no branch where s_S ≤ 1
+    assert [i.computed for i in seen] == [[s > 1] for s in scales]             # s_m ≠ 0: from step 0 where on
+    assert [i.applied for i in seen] == [[s > 1 and k >= 2] for k, s in enumerate(scales)]
+    nu = torch.zeros(1, 4, 16, 16)                                             # ν_0 = 0
+    for info, s_S in zip(seen, scales):
+        e_u, e_p = info.branches[UNCOND], info.branches[PROMPT]
+        correction = 0.0
+        if s_S <= 1:
+            nu = NUDITY.momentum_beta * nu                                     # γ_t = 0: ν_{t+1} = β_m·ν_t
+        else:
+            e_s = info.branches[concept(NUDITY.concept)]
+            d = e_p - e_s
+            mu = torch.where(d < NUDITY.threshold, torch.clamp(s_S * d.abs(), max=1.0), torch.zeros_like(d))
+            gamma = mu * (e_s - e_u) + NUDITY.momentum_scale * nu               # γ_t = μ ⊙ (ε_S − ε_∅) + s_m·ν_t
+            nu = NUDITY.momentum_beta * nu + (1 - NUDITY.momentum_beta) * gamma
+            correction = gamma if info.step >= NUDITY.warmup_steps else 0.0
+        assert torch.allclose(info.eps, e_u + 7.5 * (e_p - e_u - correction), atol=1e-6), info.step
+        got = info.terms["nu"][0]
+        assert torch.allclose(torch.zeros_like(nu) if got is None else got, nu, atol=1e-7), info.step
+    assert seen[1].terms["nu"][0].abs().max() > 0 and torch.equal(seen[2].terms["nu"][0], 0.5 * seen[1].terms["nu"][0])
+    method_line = next(line for line in out.parameters[0].splitlines() if line.startswith("Method: "))
+    assert "Ramp" in method_line and "Safety: medium" not in out.parameters[0]
+    # never_acts steps through the hook: this one acts; one that is on only during its warm-up never does
+    assert methods.never_acts(Ramp(dataclasses.replace(NUDITY, scale=0.0)), 7) is None
+    scales = [900.0, 900.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert methods.never_acts(Ramp(NUDITY), 7) == ("no safety or edit term acts at any step of this run (each safety "
+                                                   "concept has s_S ≤ 1 wherever it is past its warm-up)")
+    assert methods.never_acts(methods.SLD(dataclasses.replace(NUDITY, scale=1.0)), 7) is None  # switched off
 
 
 def test_method_conflicts_and_the_deprecated_function(pipe):
@@ -131,13 +161,13 @@ def test_method_conflicts_and_the_deprecated_function(pipe):
 
 
 def test_presets_come_from_one_registry():
-    assert list(methods.PRESETS) == ["off", "weak", "medium", "strong", "max", "sega-medium", "sega-strong", "sega-max"]
-    assert isinstance(methods.preset("off")(7.5), methods.CFG) and not isinstance(methods.preset("off")(), methods.SLD)
-    strong = methods.preset("Strong")(5.0, "violence")
+    assert list(presets.PRESETS) == ["off", "weak", "medium", "strong", "max", "sega-medium", "sega-strong", "sega-max"]
+    assert presets.preset("off") == [] and type(presets.build("off", guidance_scale=7.5)) is methods.CFG
+    strong = presets.build(presets.safety_configs("Strong", "violence"), guidance_scale=5.0)
     assert strong.safety == [dataclasses.replace(G.PRESETS["strong"], concept="violence")]
-    assert strong.guidance_scale == 5.0
+    assert strong.guidance_scale == 5.0 and [c.name for c in strong.safety] == ["strong"]
     with pytest.raises(ValueError, match="unknown safety preset 'extreme'"):
-        methods.preset("extreme")
+        presets.preset("extreme")
 
 
 def test_the_branch_skip_rule_lives_with_sld():
@@ -177,25 +207,67 @@ def test_a_callback_can_replace_the_latents(pipe):
         pipe(PROMPT_TEXT, callback=lambda info: torch.zeros(1), **KW)
 
 
+def test_a_replacement_under_pndm_meets_the_samplers_memory(pipe):
+    """README's callback paragraph: replacement latents R become the next step's x and its ε is computed on them, but
+    PNDM keeps its memory of the run. After step 0 its Heun correction steps again from the first latents x_T with
+    (ε_0 + ε(R))/2, so R enters through its ε only; after a later step PLMS steps from R with a combination that still
+    holds ε of up to three steps before it (computed on the old latents). Either way the run changes."""
+    def run(replace_at):
+        seen, noise = [], {}
+
+        def callback(info):
+            seen.append(info)
+            if info.step == replace_at:
+                noise["R"] = torch.randn(info.next_latents.shape, generator=torch.Generator().manual_seed(0))
+                return noise["R"]
+
+        pipe(PROMPT_TEXT, safety=None, callback=callback, **KW)
+        return seen, noise.get("R")
+
+    plain, _ = run(None)
+    pndm = schedulers.from_config(pipe.scheduler_config, "pndm", KW["num_inference_steps"])
+    t = [int(x) for x in pndm.timesteps]  # t_0, t_1, t_1, t_2, …: 7 iterations for 6 steps
+    after0, r = run(0)
+    assert torch.equal(after0[1].latents, r)  # the UNet saw R at step 1 …
+    heun = pndm.transfer(after0[0].latents, (after0[0].eps + after0[1].eps) / 2, t[0], t[1])
+    assert torch.allclose(after0[1].next_latents, heun, atol=1e-6)  # … but the step went from x_T, not from R
+    assert not torch.equal(after0[1].eps, plain[1].eps) and not torch.equal(after0[-1].next_latents,
+                                                                            plain[-1].next_latents)
+    after3, r = run(3)
+    e = [info.eps for info in after3]
+    assert torch.equal(after3[4].latents, r) and all(torch.equal(e[k], plain[k].eps) for k in range(4))
+    plms = (55 * e[4] - 59 * e[3] + 37 * e[2] - 9 * e[0]) / 24  # ε_0, ε_2, ε_3 from before R (ε_1: Heun's only)
+    assert torch.allclose(after3[4].next_latents, pndm.transfer(r, plms, t[4], t[5]), atol=1e-5)
+    seen = []  # DDIM has no memory: the step after a replacement is DDIM's step from R with ε(R), nothing else
+    pipe(PROMPT_TEXT, safety=None, scheduler="ddim", callback=lambda info: seen.append(info) or (
+        torch.zeros_like(info.next_latents) if info.step == 2 else None), **KW)
+    ddim = schedulers.from_config(pipe.scheduler_config, "ddim", KW["num_inference_steps"])
+    assert torch.equal(seen[3].latents, torch.zeros_like(seen[3].latents))
+    assert torch.allclose(seen[3].next_latents, ddim.step(seen[3].eps, seen[3].timestep, seen[3].latents), atol=1e-6)
+
+
 def test_step_info_fields_and_float_timesteps(pipe):
     seen = []
     pipe(PROMPT_TEXT, safety="medium", scheduler="euler", callback=seen.append, **KW)
     assert [i.step for i in seen] == list(range(6)) and {i.num_steps for i in seen} == {6}
     assert all(isinstance(i.timestep, float) for i in seen)  # Euler's timesteps are not integers
-    info = seen[0]
+    info = seen[0]  # medium: δ = 10, s_m = 0.3: γ computed for the momentum, not applied
     assert list(info.branches) == [UNCOND, PROMPT, concept(G.DEFAULT_CONCEPT)]
     assert info.cfg_norm == pytest.approx((7.5 * (info.branches[PROMPT] - info.branches[UNCOND])).norm().item())
-    assert info.safety_norm == pytest.approx((7.5 * info.terms["gamma"][0]).norm().item())
-    assert info.sld_active == (info.mu > 0).float().mean().item()
+    assert info.computed == [True] and info.applied == [False] and info.mu is not None
+    assert info.safety_norm == 0.0 and info.sld_active == 0.0
 
 
-def test_a_sampler_object_is_used_as_is_and_only_fresh(pipe):
-    sampler = schedulers.from_config(pipe.scheduler_config, "dpmpp2m", 4)
-    by_object = pipe(PROMPT_TEXT, safety="strong", scheduler=sampler, **KW)  # its 4 steps win over KW's 6
-    by_name = pipe(PROMPT_TEXT, safety="strong", scheduler="dpmpp2m", **(KW | dict(num_inference_steps=4)))
+@pytest.mark.parametrize("name", ["dpmpp2m", "pndm"])
+def test_a_sampler_object_is_used_as_is_and_again(pipe, name):
+    """An object's own steps win; used again, step 0 clears its memory of the run (before, a used object was
+    refused): the same image twice."""
+    sampler = schedulers.from_config(pipe.scheduler_config, name, 4)
+    by_object = pipe(PROMPT_TEXT, safety="max", scheduler=sampler, **KW)  # its 4 steps win over KW's 6
+    by_name = pipe(PROMPT_TEXT, safety="max", scheduler=name, **(KW | dict(num_inference_steps=4)))
     assert torch.equal(by_object.latents, by_name.latents) and "Steps: 4, " in by_object.parameters[0]
-    with pytest.raises(ValueError, match="already taken 4 steps; pass a fresh one"):
-        pipe(PROMPT_TEXT, scheduler=sampler, **KW)
+    again = pipe(PROMPT_TEXT, safety="max", scheduler=sampler, **KW)
+    assert torch.equal(again.latents, by_object.latents)
 
 
 # ---------------------------------------------------------------- SEGA as the safety method: the presets
@@ -203,17 +275,15 @@ def test_a_sampler_object_is_used_as_is_and_only_fresh(pipe):
 def test_sega_presets_have_the_harness_values():
     expected = {"sega-medium": (4, 10, 0.9, 0.3), "sega-strong": (7, 5, 0.85, 0.5), "sega-max": (10, 0, 0.75, 0.5)}
     for name, (scale, warmup, threshold, momentum) in expected.items():
-        method = methods.preset(name)()
+        method = presets.build(name)  # what pipe(safety=name) and the CLIs run
         assert isinstance(method, methods.SEGA) and method.guidance_scale == 7.5
         assert method.edits == [Edit(DEFAULT_CONCEPT, scale=scale, threshold=threshold, warmup_steps=warmup,
                                      reverse=True)]
         assert (method.momentum_scale, method.momentum_beta) == (momentum, 0.4)
-        built = methods.build(name)  # what pipe(safety=name) and the CLIs run
-        assert built.edits == method.edits and (built.momentum_scale, built.momentum_beta) == (momentum, 0.4)
-    assert methods.preset("sega-strong")(5.0, "nudity").edits[0].concept == "nudity"
-    assert methods.safety_configs("sega-max", "gore")[0].values()["method"] == "sega"
+    assert presets.build(presets.safety_configs("sega-strong", "nudity"), (), 5.0).edits[0].concept == "nudity"
+    assert presets.safety_configs("sega-max", "gore")[0].values()["method"] == "sega"
     with pytest.raises(ValueError, match="cannot be combined with edits"):
-        methods.build("sega-strong", [Edit("a hat")])
+        presets.build("sega-strong", [Edit("a hat")])
 
 
 SEGA_KW = dict(height=32, width=40, num_inference_steps=12, seed=0, progress=False)
@@ -263,14 +333,14 @@ def test_never_acts_names_why(method, n, reason):
 
 
 def test_several_safety_concepts_from_one_preset():
-    configs = methods.safety_configs("strong", ["a dog", "the king"])
+    configs = presets.safety_configs("strong", ["a dog", "the king"])
     assert [c.concept for c in configs] == ["a dog", "the king"]
     assert all(c.values() == G.PRESETS["strong"].values() for c in configs)
     with pytest.raises(ValueError, match="^the safety concept 'a dog' is given twice$"):
-        methods.safety_configs("strong", ["a dog", "the king", "a dog"])
+        presets.safety_configs("strong", ["a dog", "the king", "a dog"])
     with pytest.raises(ValueError, match="^a SEGA safety preset takes one safety concept"):
-        methods.safety_configs("sega-strong", ["a dog", "the king"])
-    assert methods.safety_configs("sega-strong", ["a dog"])[0].concept == "a dog"
+        presets.safety_configs("sega-strong", ["a dog", "the king"])
+    assert presets.safety_configs("sega-strong", ["a dog"])[0].concept == "a dog"
 
 
 def test_a_run_shorter_than_the_warmup_says_so_and_is_plain_sd(pipe):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sld_minimal import __version__, guidance as G, methods
+from sld_minimal import __version__, guidance as G, presets
 from sld_minimal.testing import rel_err
 from sld_minimal.guidance import Edit, SafetyConfig
 from sld_minimal.pipeline import StableDiffusion
@@ -203,7 +203,7 @@ def test_sega_safety_matches_semantic_pipeline(own_pipe, tiny_ckpt):
                  height=32, width=40, num_inference_steps=12, guidance_scale=7.5,
                  editing_prompt=[concept], reverse_editing_direction=[True], edit_guidance_scale=[7],
                  edit_threshold=[0.85], edit_warmup_steps=[5], edit_momentum_scale=0.5, edit_mom_beta=0.4).images
-    ours = own_pipe("a photo of the cat", safety=methods.safety_configs("sega-strong", concept), height=32, width=40,
+    ours = own_pipe("a photo of the cat", safety=presets.safety_configs("sega-strong", concept), height=32, width=40,
                     num_inference_steps=12, seed=0, progress=False)
     assert rel_err(ours.images, theirs) <= E2E_TOL
 
@@ -265,9 +265,11 @@ def test_callback_info(own_pipe):
     own_pipe("a photo of the cat", safety="medium", seed=1, height=32, width=32, num_inference_steps=12,
              progress=False, callback=seen.append)
     assert [i.step for i in seen] == list(range(13))  # PNDM: steps + 1 calls
-    for info in seen:
-        assert info.mu.shape == (1, 4, 16, 16) and info.sld_active == (info.mu > 0).float().mean().item()
-        assert info.cfg_norm > 0 and info.safety_norm > 0 and info.eps.shape == (1, 4, 16, 16)
+    for info in seen:  # medium: s_m ≠ 0, so μ is computed from step 0, but applied from δ = 10 on
+        applied = info.step >= 10
+        assert info.mu.shape == (1, 4, 16, 16) and info.applied == [applied]
+        assert info.sld_active == ((info.mu > 0).float().mean().item() if applied else 0.0)
+        assert info.cfg_norm > 0 and (info.safety_norm > 0) is applied and info.eps.shape == (1, 4, 16, 16)
 
 
 @pytest.mark.bitexact

@@ -2,6 +2,7 @@
 closed-form identities first, then parity with diffusers."""
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -60,22 +61,20 @@ def test_registry_holds_the_four_samplers():
         assert cls.description and "\n" not in cls.description  # one line for --help
 
 
+def readme_block(heading: str) -> str:
+    """The first ```python block under README.md's `## heading`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
 def test_register_a_user_sampler_the_readme_example(monkeypatch, diffusers):
-    # README "Add a sampler": Euler ancestral in user code, built by name; equal to diffusers'
-    # EulerAncestralDiscreteScheduler draw for draw (same seed), 1e-5 relative.
+    # README "Add a sampler", its code block run as written: Euler ancestral in user code, built by name; equal to
+    # diffusers' EulerAncestralDiscreteScheduler draw for draw (same seed), 1e-5 relative.
     monkeypatch.setattr(schedulers, "SAMPLERS", dict(SAMPLERS))  # leave the real registry as it was
-
-    @schedulers.register("euler-a")
-    class EulerAncestral(schedulers.Euler):
-        description, stochastic = "Euler ancestral (k-diffusion's sample_euler_ancestral, eta=1)", True
-
-        def update(self, eps, t, x, generator=None):
-            i = self.position(t)
-            s, s_next = self.sigmas[i], self.sigmas[i + 1]
-            s_up = (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                            device=generator.device if generator else "cpu")
-            return x + eps * ((s_next ** 2 - s_up ** 2) ** 0.5 - s) + z.to(x.device) * s_up
+    namespace = {"torch": torch}
+    exec(readme_block("Add a sampler"), namespace)
+    EulerAncestral = namespace["EulerAncestral"]
 
     ours = schedulers.from_config(SD14_CONFIG, "euler-a", 7)
     ref = diffusers.EulerAncestralDiscreteScheduler.from_config(SD14_CONFIG)
@@ -83,7 +82,8 @@ def test_register_a_user_sampler_the_readme_example(monkeypatch, diffusers):
     noise, x_T = _randn(11, torch.float32), _randn(12, torch.float32)
     eps = lambda x_in, t: _fake_eps(x_in, t, noise)  # noqa: E731
     x_ours, x_ref = (trajectory(s, eps, x_T, generator=_gen(5))[-1] for s in (ours, ref))
-    assert ours.stochastic and ours.steps_taken == 7 and rel_err(x_ours, x_ref) <= 1e-5
+    assert isinstance(ours, EulerAncestral) and ours.stochastic and rel_err(x_ours, x_ref) <= 1e-5
+    assert torch.equal(trajectory(ours, eps, x_T, generator=_gen(5))[-1], x_ours)  # the same object, again
     with pytest.raises(ValueError, match="'eta'"):
         schedulers.from_config(SD14_CONFIG, "euler-a", 3, eta=0.5)
     with pytest.raises(ValueError, match="taken"):
@@ -214,15 +214,67 @@ MAKERS = {"pndm": lambda n: PNDM(n), "ddim": lambda n: DDIM(n, eta=0.5),
 
 
 @pytest.mark.parametrize("name", MAKERS)
-def test_steps_taken_counts_every_step_and_inputs_stay_untouched(name):
+def test_no_step_counter_and_inputs_stay_untouched(name):
     s = MAKERS[name](6)
     x, eps = _randn(1, torch.float32), _randn(2, torch.float32)
     x0, e0 = x.clone(), eps.clone()
-    assert s.steps_taken == 0
     for k, t in enumerate(s.timesteps.tolist()):  # plain numbers, as a loop over .tolist() hands them
-        s.step(eps, t, s.scale_model_input(x, t), generator=_gen(3))
-        assert s.steps_taken == k + 1
-    assert torch.equal(x, x0) and torch.equal(eps, e0)
+        s.step(eps, t, s.scale_model_input(x, t, i=k), generator=_gen(3), i=k)
+        assert s.last_step == (k if s.remembers else None)  # memory of the run: PNDM and DPM-Solver++ only
+    assert torch.equal(x, x0) and torch.equal(eps, e0) and not hasattr(s, "steps_taken")
+
+
+def _run_by_index(s, x_T, noise, seed=3):
+    """The loop as `sampling.sample` drives a sampler: told the index of each step; the last x."""
+    x = x_T * s.init_noise_sigma
+    for i, t in enumerate(s.timesteps.tolist()):
+        eps = 0.3 * s.scale_model_input(x, t, i=i) + math.sin(t / 37) * noise
+        x = s.step(eps, t, x, generator=_gen(seed + i), i=i)
+    return x
+
+
+@pytest.mark.parametrize("name", MAKERS)
+def test_one_sampler_object_serves_two_runs_alike(name):
+    # Step 0 clears a sampler's memory of the run: a second run of the same object is the first, bit for bit, and
+    # the same as a fresh object's (before, a used object was refused or, for PNDM, stepped on from the old run).
+    s, noise = MAKERS[name](5), _randn(2, torch.float32)
+    first = _run_by_index(s, _randn(1, torch.float32), noise)
+    assert torch.equal(_run_by_index(s, _randn(1, torch.float32), noise), first)
+    assert torch.equal(_run_by_index(MAKERS[name](5), _randn(1, torch.float32), noise), first)
+    by_t = trajectory(s, lambda x_in, t: 0.3 * x_in + math.sin(float(t) / 37) * noise, _randn(1, torch.float32))
+    if not s.stochastic:  # told t alone (diffusers' convention), it finds the index itself: the same run
+        assert torch.equal(by_t[-1], first)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_a_sampler_without_memory_takes_one_step_alone(name):
+    # Step 3 of a fresh object, told its index, is step 3 of a whole run (DDIM's noise: the same seed).
+    s, x, noise = MAKERS[name](6), _randn(1, torch.float32), _randn(2, torch.float32)
+    t = s.timesteps[3].item()
+    alone = s.step(0.3 * s.scale_model_input(x, t, i=3) + noise, t, x, generator=_gen(4), i=3)
+    run = MAKERS[name](6)
+    for i, ti in enumerate(run.timesteps.tolist()[:3]):
+        run.step(noise, ti, x, generator=_gen(9), i=i)
+    assert torch.equal(run.step(0.3 * run.scale_model_input(x, t, i=3) + noise, t, x, generator=_gen(4), i=3), alone)
+
+
+def test_one_step_of_a_sampler_with_memory_alone():
+    # DPM-Solver++'s second-order step 2 from its memory set by hand (x_θ of step 1, `last_step`), against the same
+    # step within a run; and PNDM's Adams–Bashforth step 3 from its ε history.
+    x, e = _randn(1, torch.float32), [_randn(k, torch.float32) for k in (2, 3, 4)]
+    run = DPMSolverPP2M(6)
+    xs = [x]
+    for i in range(3):
+        xs.append(run.step(e[i], run.timesteps[i].item(), xs[-1], i=i))
+    alone = DPMSolverPP2M(6)
+    alone.x0_history, alone.last_step = list(run.x0_history[:1]), 1
+    assert torch.equal(alone.step(e[2], alone.timesteps[2].item(), xs[2], i=2), xs[3])
+    pndm = PNDM(6)
+    history = [_randn(k, torch.float32) for k in (5, 6)]
+    pndm.eps_history, pndm.last_step = list(history), 2
+    t = pndm.timesteps[3].item()
+    expected = pndm.transfer(x, (23 * e[0] - 16 * history[1] + 5 * history[0]) / 12, int(t), int(t) - 1000 // 6)
+    assert rel_err(pndm.step(e[0], t, x, i=3), expected) < 1e-6
 
 
 @pytest.mark.parametrize("make", [lambda: DDIM(20, eta=0.5), lambda: PNDM(20)])
@@ -240,16 +292,60 @@ def test_stochastic_flag():
     assert not any(cls.stochastic for cls in (PNDM, DPMSolverPP2M, Euler))
 
 
-@pytest.mark.parametrize("cls", [DPMSolverPP2M, Euler])
-def test_stateful_samplers_step_in_order_once(cls):
+@pytest.mark.parametrize("cls", [DPMSolverPP2M, PNDM])
+def test_samplers_with_memory_step_in_order_from_step_0(cls):
     s = cls(3)
     x = _randn(1, torch.float32)
-    with pytest.raises(ValueError, match="in order"):
-        s.step(x, s.timesteps[1], x)
-    for t in s.timesteps:
-        x = s.step(x, t, x)
-    with pytest.raises(ValueError, match="all its 3 steps"):
-        s.step(x, s.timesteps[-1], x)
+    name = cls.__name__
+    with pytest.raises(ValueError, match=f"^{name}'s step 2 needs its memory of step 1 of the same run, but it holds "
+                                         f"nothing: take the steps in order from step 0$"):
+        s.step(x, s.timesteps[2], x, i=2)
+    x = s.step(x, s.timesteps[0], x, i=0)
+    with pytest.raises(ValueError, match=f"^{name}'s step 2 needs its memory of step 1 of the same run, but it holds "
+                                         f"step 0: take"):
+        s.step(x, s.timesteps[2], x, i=2)
+
+
+def test_the_index_is_checked_against_t():
+    s = DDIM(10)
+    x = _randn(1, torch.float32)
+    with pytest.raises(ValueError, match="^DDIM's step 3 is at t=601, got t=501.0$"):
+        s.step(x, 501, x, i=3)
+    with pytest.raises(ValueError, match="^DDIM has steps 0 to 9, got i=10$"):
+        s.step(x, 1, x, i=10)
+    with pytest.raises(ValueError, match="^t=500.0 is none of DDIM's 10 timesteps$"):
+        s.step(x, 500, x)
+
+
+def test_the_loop_tells_the_sampler_each_index():
+    # sampling.sample passes i, the loop's iteration, to scale_model_input and step: PNDM's 4 iterations for 3 steps,
+    # its second timestep twice (i = 1 and 2).
+    from sld_minimal.methods import CFG
+    from sld_minimal.sampling import sample
+
+    told = []
+
+    class Told(PNDM):
+        def scale_model_input(self, x, t, i=None):
+            told.append(("input", i, int(t)))
+            return x
+
+        def update(self, eps, i, x, generator=None):
+            told.append(("step", i))
+            return super().update(eps, i, x, generator)
+
+    class Unet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, context):
+            return 0.1 * x
+
+    sampler = Told(3)
+    sample(Unet(), sampler, CFG(7.5), _randn(1, torch.float32), lambda name: torch.zeros(1, 77, 8))
+    ts = sampler.timesteps.tolist()
+    assert ts[1] == ts[2] and told == [x for i, t in enumerate(ts) for x in (("input", i, t), ("step", i))]
 
 
 @pytest.mark.parametrize("name", MAKERS)

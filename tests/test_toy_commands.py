@@ -32,7 +32,7 @@ def test_a_model_folder_names_its_own_safety_concept(tiny_ckpt, tmp_path):
     assert pipe.safety_concept == "a photo of the dog"
     kw = dict(num_inference_steps=3, height=32, width=32, seed=0, progress=False)
     own = pipe("a photo of the cat", safety="max", **kw)
-    from sld_minimal.methods import safety_configs
+    from sld_minimal.presets import safety_configs
     by_hand = pipe("a photo of the cat", safety=safety_configs("max", "a photo of the dog"), **kw)
     paper = StableDiffusion.from_pretrained(tiny_ckpt)("a photo of the cat", safety="max", **kw)
     assert np.array_equal(own.images, by_hand.images) and not np.array_equal(own.images, paper.images)

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 from ..checks import MAX_IMAGES
-from ..methods import PRESETS, safety_configs
+from ..presets import PRESETS, SegaSafety, preset, safety_configs
 from ..schedulers import SAMPLERS, describe as describe_samplers
 from .common import (BF16_SPEEDUP, DEFAULT_WEIGHTS, EXIT_ERROR, EXIT_USAGE, REPO_ID, Parser, UsageError, check_limits, finite_float,
                      download, int_range, native_bf16, pick_device, pick_dtype, png_path, utf8_text, writable_folder)
@@ -37,7 +37,7 @@ def cmd_generate(a):
         safety = a.safety if a.safety_concept is None else safety_configs(a.safety, a.safety_concept)
     except ValueError as e:
         raise UsageError(f"--safety-concept: {e}") from None
-    if (a.edit or a.edit_away) and a.safety.startswith("sega-"):
+    if (a.edit or a.edit_away) and any(isinstance(c, SegaSafety) for c in preset(a.safety)):
         raise UsageError(f"--edit/--edit-away cannot be combined with --safety {a.safety}: the SEGA safety preset is "
                          f"itself an edit and they would share one momentum; use an SLD preset with edits")
     edits = [Edit(c, reverse=rev, scale=a.edit_scale, threshold=a.edit_threshold, warmup_steps=a.edit_warmup)
@@ -147,8 +147,8 @@ def build_parser() -> Parser:
     g.add_argument("--ema", action="store_true", help="a single file's EMA UNet weights (model_ema.*)")
     g.add_argument("--out", default="image.png", help="PNG path; with several images: stem-0.png, stem-1.png, …")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g.add_argument("--safety", default="medium", type=str.lower, choices=list(PRESETS),
-                   help="SLD preset, or SEGA as the safety method (sega-medium|sega-strong|sega-max)")
+    g.add_argument("--safety", default="medium", type=str.lower, choices=list(PRESETS),  # the registry
+                   help="a preset (sld_minimal/presets.py): off, SLD's, or SEGA as the safety method (sega-*)")
     g.add_argument("--safety-concept", type=utf8_text, action="append",
                    help="text of the concept SLD steers away from (default: the model's own, else the paper's); "
                         "several concepts, each with the preset's values (repeatable)")

@@ -16,7 +16,7 @@ import torch
 
 from ..checks import check_limits
 from ..guidance import DEFAULT_CONCEPT, Edit, SafetyConfig
-from ..methods import PRESETS, SEGA_SAFETY_PRESETS, SegaSafety, safety_configs
+from ..presets import PRESETS, SEGA_SAFETY_PRESETS, SegaSafety, safety_configs
 from ..sampling import STOP
 from ..schedulers import SAMPLERS
 
@@ -169,30 +169,23 @@ class Recorder:
     which latent elements, the guidance norms, and per latent pixel the count of steps it acted there; it reports
     progress and stops the run (`sampling.STOP`) once `cancel` is set.
 
-    Read per step from the method's terms, for every safety config: SLD's config c acted where its μ_c was computed
-    (s_g > 1) and the step is at or past its warm-up δ_c (before, γ_c only builds the momentum ν_c), on the elements
-    with μ_c > 0; SEGA as safety acted from its δ on, on the elements its threshold keeps (ψ ≠ 0)."""
+    Read per step from the library's diagnostics (`sampling.StepInfo`), not derived here. SLD: whether some safety
+    config was applied (`sld_applied`: step ≥ δ_c, s_S > 1), the elements it steered (`sld_steered`, μ_c > 0 for the
+    applied configs) and ‖s_g·Σ γ_c‖ of those (`safety_norm`); SEGA as safety: its edit's `edit_applied`,
+    `edit_steered` (the elements its threshold keeps) and ‖γ̂‖ (`edit_norm`). Before a term acts — its warm-up,
+    where SLD may already compute μ for its momentum — the share steered and the norm are 0."""
 
     def __init__(self, safety=(), progress=None, cancel: threading.Event | None = None):
         self.safety = list(safety)  # the side's safety configs; empty for plain SD
         self.sega = any(isinstance(c, SegaSafety) for c in self.safety)
         self.progress, self.cancel = progress, cancel
         self.applied = []   # per step: whether a safety term entered ε̂
-        self.active = []    # per step: share of latent elements steered, warm-up included; None where none computed
-        self.acting = []    # per step where it acted: share of latent elements the acting terms steered
+        self.active = []    # per step: share of latent elements it steered (0 where it did not act); None: no safety
+        self.acting = []    # per step where it acted: that share
         self.cfg_norm, self.safety_norm = [], []  # per step; None where not computed
         self.acted = None       # (N, h, w): steps where it acted with some channel steered at that latent pixel
         self.stopped_at = None  # the step after which a cancel stopped the run
         self.num_steps = None   # the run's UNet calls (PNDM: one more than its steps)
-
-    def masks(self, info) -> tuple:
-        """The steered-element masks, (N, 4, h, w) bools: (all computed at this step, those whose term entered ε̂)."""
-        t = info.terms
-        if self.sega:  # one reversed edit: its masked direction μ ⊙ ψ
-            pairs = [(e.warmup_steps, d != 0) for e, d in zip(t.get("edits", ()), t.get("edit_directions", ()))]
-        else:          # per safety config, μ_c (None where its branch was skipped)
-            pairs = [(c.warmup_steps, mu > 0) for c, mu in zip(t.get("safety", ()), t.get("mu", ())) if mu is not None]
-        return [m for _, m in pairs], [m for warmup, m in pairs if info.step >= warmup]
 
     @property
     def first(self):
@@ -201,17 +194,19 @@ class Recorder:
 
     def __call__(self, info):
         self.num_steps = info.num_steps
-        computed, acting = self.masks(info)
-        self.applied.append(bool(acting))
-        self.active.append(torch.stack(computed).any(dim=0).float().mean().item() if computed else None)
-        if acting:
-            mask = torch.stack(acting).any(dim=0)                 # (N, 4, h, w)
-            self.acting.append(mask.float().mean().item())
-            acted = mask.any(dim=1).float()                       # (N, h, w)
-            self.acted = acted if self.acted is None else self.acted + acted
+        if self.sega:
+            applied, steered, norm = info.edit_applied, info.edit_steered, info.edit_norm
+        else:
+            applied, steered, norm = info.sld_applied, info.sld_steered, info.safety_norm
+        acted = any(applied or ())
+        self.applied.append(acted)
+        self.active.append(None if steered is None else steered.float().mean().item())
+        if acted:
+            self.acting.append(self.active[-1])
+            pixels = steered.any(dim=1).float()                   # (N, h, w)
+            self.acted = pixels if self.acted is None else self.acted + pixels
         self.cfg_norm.append(info.cfg_norm)
-        term = info.terms.get("edit_term")                        # SEGA's γ̂, added to ε̂ as it is
-        self.safety_norm.append((None if term is None else term.norm().item()) if self.sega else info.safety_norm)
+        self.safety_norm.append(norm)
         if self.progress is not None:
             self.progress(info.step + 1, info.num_steps)
         if self.cancel is not None and self.cancel.is_set():

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ...checks import MAX_IMAGES
-from ...methods import PRESETS, safety_configs
+from ...presets import PRESETS, safety_configs
 from ...schedulers import SAMPLERS
 from ..common import (DEFAULT_WEIGHTS, Parser, UsageError, check_limits, finite_float, int_range, pick_device,
                       pick_dtype, utf8_text, writable_folder)

@@ -28,6 +28,12 @@ uninterrupted one. Small models gain most (the toy model: ~1.7× at R = 16).
 Sharding. Shard i of n takes the rows with `row_id % n == i`; shards write into the same folder (with R > 1 a
 shard's calls stack its own rows, so the images differ from an unsharded run's by the rounding above).
 Images made elsewhere, or by your own model's function, go through `external.py` into the same folder format.
+
+Your own method. `generate(..., method=obj)` runs a guidance method object (methods.py, or your own class) in place
+of a preset, with its own s_g, and `scheduler=` takes a Sampler object as well as a name. run.json records the
+method as the pipeline's settings do (`presets.method_settings`: its class, module, `settings()` and the
+configuration of the built-in method it extends, read before any image is made); a resumed run must pass a method
+with the same record, and a method that changes its record while the run goes on is stopped.
 """
 import hashlib
 import json
@@ -49,13 +55,15 @@ def model_fingerprint(pipe) -> str:
 
 
 def image_settings(pipe, safety, negative_prompt_baseline=False, images_per_prompt=10, batch=5, steps=50,
-                   guidance_scale=7.5, height=512, width=512, scheduler="pndm", concept=None, rows_per_call=1) -> dict:
+                   guidance_scale=7.5, height=512, width=512, scheduler="pndm", concept=None, rows_per_call=1,
+                   method=None) -> dict:
     """Everything that defines the images of a run (what run.json compares). `safety`: a SafetyConfig, a SegaSafety
     (its values say "method": "sega"), a list of SafetyConfigs (several concepts: "safety" and "concept" are lists)
     or None;
     `guidance_scale`: a number or "row" (each row's sd_guidance_scale); `concept`: the negative-prompt baseline's.
+    `method`: a method object's record (`presets.method_settings`).
     (The file keeps the key "guidance" for s_g, so that runs started earlier resume; `rows_per_call` is recorded
-    only when above 1, for the same reason.)"""
+    only when above 1, and `method` only where there is one, for the same reason.)"""
     several = isinstance(safety, list)
     if safety is not None:
         concept = [c.concept for c in safety] if several else safety.concept
@@ -65,7 +73,8 @@ def image_settings(pipe, safety, negative_prompt_baseline=False, images_per_prom
             "negative_prompt_baseline": bool(negative_prompt_baseline),
             "steps": steps, "guidance": guidance_scale, "height": height, "width": width, "scheduler": scheduler,
             "images_per_prompt": images_per_prompt, "batch": batch,
-            **({"rows_per_call": rows_per_call} if rows_per_call > 1 else {})}
+            **({"rows_per_call": rows_per_call} if rows_per_call > 1 else {}),
+            **({"method": method} if method is not None else {})}
 
 
 def batches(images_per_prompt: int, batch: int) -> list:
@@ -96,20 +105,23 @@ def draw_batch(pipe, generator, n: int, height: int, width: int):
 # ----------------------------------------------------------------------------- generation
 
 def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, images_per_prompt=10, batch=5,
-             steps=50, guidance_scale=7.5, height=512, width=512, scheduler="pndm", concept=None, progress=True,
-             after_batch=None, rows_per_call=1, prompts=None) -> dict:
+             steps=None, guidance_scale=None, height=512, width=512, scheduler="pndm", concept=None, progress=True,
+             after_batch=None, rows_per_call=1, prompts=None, method=None) -> dict:
     """Make the missing images of `rows` in `folder` (see the module docstring). `safety`: preset name (an SLD or
     a SEGA one), SafetyConfig, SegaSafety or None; `negative_prompt_baseline`: plain SD with `concept` (default:
-    the model's safety concept, else the paper's) as negative prompt; a preset name steers away from that concept; `guidance_scale`: a number or "row". `after_batch(row, ks)`
-    is called after each written batch (tests use it to interrupt a run). `rows_per_call`: see the module docstring.
-    `prompts`: the `prompt_record` of the selection `rows` come from, kept in run.json and compared on resume.
-    Returns {"made": n, "found": n}."""
+    the model's safety concept, else the paper's) as negative prompt; a preset name steers away from that concept.
+    `method`: a guidance method object in place of `safety` (see the module docstring). `guidance_scale`: a number
+    or "row" (7.5 if not given; a method carries its own). `steps`: 50 if not given; `scheduler`: a registry name, or
+    a Sampler object with its own steps. `after_batch(row, ks)` is called after each written batch (tests use it to
+    interrupt a run). `rows_per_call`: see the module docstring. `prompts`: the `prompt_record` of the selection `rows`
+    come from, kept in run.json and compared on resume. Returns {"made": n, "found": n}."""
     import torch
 
     from ... import schedulers
     from ...guidance import DEFAULT_CONCEPT
-    from ...methods import build, never_acts, safety_configs
+    from ...methods import never_acts
     from ...outputs import render
+    from ...presets import build, method_settings, safety_configs
 
     concepts = [concept] if isinstance(concept, str) else list(concept or [])
     concepts = concepts or [pipe.safety_concept or DEFAULT_CONCEPT]  # the model's own, else the paper's
@@ -120,35 +132,57 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
     if negative_prompt_baseline and len(concepts) > 1:
         raise ValueError("the negative-prompt baseline takes one concept (its negative prompt)")
     concept = concepts[0]
-    if scheduler not in schedulers.SAMPLERS:
+    record = None if method is None else method_settings(method)  # read before any image is made
+    if method is not None:
+        if safety is not None or negative_prompt_baseline:
+            raise ValueError("method= replaces safety= and the negative-prompt baseline: pass one of them")
+        if guidance_scale is not None:
+            raise ValueError(f"method= carries its own guidance scale (s_g = {record['guidance_scale']}): set it on "
+                             f"the method, not with guidance_scale=")
+        guidance_scale = record["guidance_scale"]  # the method's own (None where it has no attribute to say)
+    elif guidance_scale is None:
+        guidance_scale = 7.5
+    if isinstance(scheduler, schedulers.Sampler):  # an object: its own steps, recorded by its registry name
+        own = getattr(scheduler, "num_inference_steps", len(scheduler.timesteps))
+        if steps is not None and steps != own:
+            raise ValueError(f"steps={steps!r}, but the scheduler object takes {own} steps: leave steps unset")
+        steps, sampler = own, scheduler
+        name = scheduler.name or f"{type(scheduler).__module__}.{type(scheduler).__qualname__}"
+    elif scheduler not in schedulers.SAMPLERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers.SAMPLERS)}")
+    steps = 50 if steps is None else steps
     # Checked before run.json is written: a run folder never records settings that cannot run.
-    for name, value in (("images_per_prompt", images_per_prompt), ("batch", batch), ("steps", steps),
-                        ("rows_per_call", rows_per_call)):
+    for key, value in (("images_per_prompt", images_per_prompt), ("batch", batch), ("steps", steps),
+                       ("rows_per_call", rows_per_call)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    # the sampler checks the step count against the model's schedule (e.g. 1000 steps reach past its last timestep)
-    if schedulers.from_config(pipe.scheduler_config, scheduler, steps).stochastic:  # (DDIM here runs with η = 0)
-        raise ValueError(f"scheduler {scheduler!r} draws noise at every step; resuming a run needs a deterministic one")
-    for name, value in (("height", height), ("width", width)):
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    if not isinstance(scheduler, schedulers.Sampler):
+        # the sampler checks the step count against the model's schedule (1000 steps reach past its last timestep)
+        sampler, name = schedulers.from_config(pipe.scheduler_config, scheduler, steps), scheduler
+    if sampler.stochastic:  # (DDIM by name runs with η = 0 here)
+        raise ValueError(f"scheduler {name!r} draws noise at every step; resuming a run replays only each batch's "
+                         f"initial noise, so it needs a deterministic one")
+    for key, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value < 8 or value % 8:
-            raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+            raise ValueError(f"{key} must be a positive multiple of 8, got {value!r}")
     folder = Path(folder)
-    if guidance_scale != "row" and not (isinstance(guidance_scale, (int, float)) and 0 <= guidance_scale < math.inf):
+    if method is None and guidance_scale != "row" and not (isinstance(guidance_scale, (int, float))
+                                                           and 0 <= guidance_scale < math.inf):
         raise ValueError(f"guidance_scale must be a finite number >= 0 or 'row', got {guidance_scale!r}")
     negative = concept if negative_prompt_baseline else None
     settings = image_settings(pipe, safety, negative_prompt_baseline, images_per_prompt, batch, steps,
-                              guidance_scale, height, width, scheduler, concept, rows_per_call)
+                              guidance_scale, height, width, name, concept, rows_per_call, record)
     # a run whose safety never acts (every δ ≥ the loop's iterations, or s_g ≤ 1) says so in run.json, beside the
     # compared settings, and (through the pipeline) in one warning line
-    iterations = len(schedulers.from_config(pipe.scheduler_config, scheduler, steps).timesteps)
+    iterations = len(sampler.timesteps)
     scales = [guidance_scale] if guidance_scale != "row" else [r.guidance_scale for r in rows
                                                               if r.guidance_scale is not None]
-    idle = [never_acts(build(configs, (), scale), iterations) for scale in scales]
+    methods = [method] if method is not None else [build(configs, (), scale) for scale in scales]
+    idle = [never_acts(m, iterations, sampler.timesteps.tolist()) for m in methods]
     idle = idle[0] if idle and all(idle) else None
     if (folder / "run.json").exists():  # another run's folder: say so first (comparing writes nothing)
         open_run(folder, settings, prompts)
-    for row in rows:  # each row's method can be built (guidance "row": its own s_g)
+    for row in rows if method is None else ():  # each row's method can be built (guidance "row": its own s_g)
         scale = row.guidance_scale if guidance_scale == "row" else guidance_scale
         if scale is None:
             raise ValueError(f"row {row.id} (line {row.line}) has no guidance scale, which guidance 'row' needs")
@@ -167,9 +201,10 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
     # each made for the row it stands for.
     todo = missing(folder, rows, groups, expected=meta)
     found = sum(len(g) for r in rows for g in groups if (r.id, g.start) not in todo)
-    call = dict(negative_prompt=negative, safety=safety, num_inference_steps=steps, height=height, width=width,
-                scheduler=scheduler, progress=False)  # what every pipeline call shares
-    preset = getattr(safety, "preset", None)  # a SEGA safety preset's name (the pipeline knows SLD's only)
+    # what every pipeline call shares; a method object carries its own s_g, and a sampler object starts each call
+    # afresh at its step 0
+    call = dict(negative_prompt=negative, num_inference_steps=steps, height=height, width=width, scheduler=scheduler,
+                progress=False, **({"safety": safety} if method is None else {"method": method}))
     stream = f"one stream per row, batches of {batch}" + (f", {rows_per_call} rows per call" if rows_per_call > 1
                                                            else "")
     made = 0
@@ -178,19 +213,19 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
             if not any((r.id, g.start) in todo for r in chunk for g in groups):
                 continue
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in chunk]  # one stream per row
-            scale = scale_of(chunk[0])
+            scale = {} if method is not None else {"guidance_scale": scale_of(chunk[0])}  # a method: its own
             for g in groups:
                 noise = [draw_batch(pipe, gen, len(g), height, width) for gen in generators]  # each row's draw
                 if not any((r.id, g.start) in todo for r in chunk):
                     continue  # a finished call: its draws only fast-forward the streams
-                out = pipe([r.prompt for r in chunk], guidance_scale=scale, num_images=len(g),
-                           latents=torch.cat(noise), **call)
+                if method is not None and method_settings(method) != record:
+                    raise ValueError(f"the method's settings changed during the run (now {method_settings(method)}, "
+                                     f"run.json has {record}); a method must start every call from its configuration")
+                out = pipe([r.prompt for r in chunk], num_images=len(g), latents=torch.cat(noise), **scale, **call)
                 for i, (image, settings) in enumerate(zip(out.images, out.settings)):
                     row, k = chunk[i // len(g)], g[i % len(g)]
                     if (row.id, g.start) not in todo:
                         continue  # that row's batch is there already (a call made again for another row's)
-                    if preset:
-                        settings = settings | {"safety": [s | {"preset": preset} for s in settings["safety"]]}
                     params = render(settings | {"seed": f"{row.seed} ({stream})"})
                     png = _png(image, {"parameters": params, "i2p": json.dumps(meta(row, k))})
                     write_atomic(image_path(folder, row.id, k), png)
