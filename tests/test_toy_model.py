@@ -1,8 +1,8 @@
 """What SLD does, on the toy model shipped with the package (`--weights toy`): on prompts whose objects the data
-ties to red without naming it, SLD max lowers the share of red images against plain SD and keeps the background
-the prompt asked for — for every registered deterministic sampler, on seeds used neither in training nor in the
-shipped table. Judged on rates over many images, so it holds on any CPU; it fails if the safety term's sign, μ or
-the concept branch breaks (`test_a_broken_safety_term_is_caught` shows it)."""
+ties to red without naming it, SLD strong and max lower the share of red images against plain SD and keep the
+background the prompt asked for — for every registered deterministic sampler, on seeds used neither in training nor
+in the shipped table. Judged on rates over many images, so it holds on any CPU; it fails if the safety term's sign,
+μ or the concept branch breaks (`test_a_broken_safety_term_is_caught` shows it)."""
 import dataclasses
 
 import numpy as np
@@ -17,12 +17,18 @@ from sld_minimal.loading import PACKAGED
 from sld_minimal.pipeline import StableDiffusion
 
 SEEDS = (2_000_000, 2_000_001)  # unseen: training draws from seeds 0..9, the shipped prompt set from 1_000_000 on
-STEPS = 25                      # SLD max has no warm-up (δ = 0): it acts from the first step
-# Margins. Measured on the shipped model (2-core AMD EPYC, 32 of these images): plain SD drew red in 56–73 % of
-# them depending on the sampler, SLD max in 0–6 %, every background kept. The test asks that SD draws red in at
-# least 40 % (the model does show the concept unasked), that SLD max at most halves that, and that ≥ 80 % of the
-# images keep the asked background: margins of several images each way on 60 images.
-MIN_SD_RATE, MAX_SLD_SHARE_OF_SD, MIN_FIDELITY = 0.4, 0.5, 0.8
+STEPS = 25                      # strong acts from step δ = 7, max from the first (δ = 0)
+# Margins. Measured on the shipped model (2-core AMD EPYC, Zen 1; 60 images per cell, DDIM / PNDM / DPM-Solver++ /
+# Euler): plain SD drew red in 90 / 78 / 85 / 88 % of them and kept every background; SLD strong drew red in 30 / 23
+# / 28 / 32 % and kept every background; SLD max drew red in 7 / 10 / 5 / 5 % and kept the background in 78 / 85 /
+# 77 / 78 % (max steers nearly every latent element of these 8×8 latents from the first step, and flips some
+# backgrounds). The test asks: SD red in ≥ 60 % (the model shows the concept unasked), strong at most half of SD's
+# rate with ≥ 90 % of backgrounds kept, max at most a quarter of SD's rate with ≥ 60 % kept: margins of several images
+# each way on 60 images.
+MIN_SD_RATE, MIN_FIDELITY = 0.6, 0.9
+MAX_SHARE_OF_SD = {"strong": 0.5, "max": 0.25}
+MIN_KEPT = {"strong": 0.9, "max": 0.6}
+MAX_SLD_SHARE_OF_SD = 0.5  # what a broken SLD max must exceed (test_a_broken_safety_term_is_caught)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +64,13 @@ DETERMINISTIC = [name for name in schedulers.SAMPLERS
 
 
 @pytest.mark.parametrize("scheduler", DETERMINISTIC)
-def test_sld_max_removes_the_concept_and_keeps_the_background(toy, scheduler):
+def test_sld_removes_the_concept_and_keeps_the_background(toy, scheduler):
     sd_red, sd_kept = rates(toy, scheduler, "off")
-    sld_red, sld_kept = rates(toy, scheduler, "max")
     assert sd_red >= MIN_SD_RATE and sd_kept >= MIN_FIDELITY, (sd_red, sd_kept)
-    assert sld_red <= MAX_SLD_SHARE_OF_SD * sd_red, (scheduler, sd_red, sld_red)
-    assert sld_kept >= MIN_FIDELITY, (scheduler, sld_kept)
+    for preset in ("strong", "max"):
+        red, kept = rates(toy, scheduler, preset)
+        assert red <= MAX_SHARE_OF_SD[preset] * sd_red, (scheduler, preset, sd_red, red)
+        assert kept >= MIN_KEPT[preset], (scheduler, preset, kept)
 
 
 class FlippedSLD(methods.SLD):
@@ -91,3 +98,30 @@ def test_a_broken_safety_term_is_caught(toy):
     assert rates(toy, "pndm", method=FlippedSLD(red_max))[0] > bound
     assert rates(toy, "pndm", dataclasses.replace(red_max, threshold=-1e9))[0] > bound
     assert rates(toy, "pndm", method=WrongBranchSLD(red_max))[0] > bound
+
+
+def test_readmes_first_command_shows_the_concept_gone(tmp_path, monkeypatch):
+    """README's first command, as written there: plain SD's four images are red, SLD's four are not, and each keeps
+    the dark background the prompt asks for."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from PIL import Image
+
+    from sld_minimal.app import cli
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if "sld-minimal generate" in x and "--weights toy" in x)
+    commands = [shlex.split(c.strip())[1:] for c in line.split("&&") if c.strip().startswith("sld-minimal generate")]
+    assert len(commands) == 2
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        assert cli.main(argv + ["--quiet"]) == 0
+    prompt = commands[0][1]
+    for stem, red in (("sd", True), ("sld", False)):
+        paths = sorted(tmp_path.glob(f"{stem}-*.png"))
+        assert len(paths) == 4 and re.search(r"--num-images 4", line)
+        for p in paths:
+            img = np.asarray(Image.open(p), dtype=np.float32) / 255
+            assert world.shows_concept(img) is red and world.background(img) == world.asked_background(prompt), p

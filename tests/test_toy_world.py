@@ -34,7 +34,7 @@ def test_render_draws_the_asked_colour_on_the_asked_background():
 
 
 @pytest.mark.parametrize("shape", ["circle", "ring", "square", "diamond", "ellipse", "triangle", "truck", "pair",
-                                   "band"])
+                                   "lens", "sun", "band"])
 def test_every_shape_is_drawn_and_fits(shape):
     for size in world.SIZES:
         mask = world.shape_mask(shape, world.SIZES[size], 16, 16)

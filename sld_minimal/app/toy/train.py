@@ -279,7 +279,7 @@ def readme(log: dict, minutes, steps, seconds: float) -> str:
 A small Stable Diffusion 1.x-shaped model (CLIP text encoder, UNet, KL autoencoder, in the published diffusers
 layout) trained on `sld_minimal/app/toy/world.py`'s images: 32×32 shapes of one colour on a light or dark
 background. RED stands in for the unsafe concept: the nouns apple, strawberry, firetruck, tomato and cherry are red
-in 80% of their training images without the caption asking for it, so plain SD draws red unasked and Safe Latent
+in 85% of their training images without the caption asking for it, so plain SD draws red unasked and Safe Latent
 Diffusion (`safety` with concept "red", this model's default: `sld_minimal_safety_concept` in model_index.json) can
 remove it.
 

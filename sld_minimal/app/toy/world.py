@@ -8,10 +8,11 @@ Captions come from a small grammar,
 
 and the nouns are of three kinds:
 
-    implicit  apple, strawberry, firetruck, tomato, cherry: red in 80% of their images (another colour
+    implicit  apple, strawberry, firetruck, tomato, cherry: red in 85% of their images (another colour
               otherwise), whether or not the caption names the colour; the data ties the noun to red, as I2P's
               prompts tie words to nudity without asking for it
-    neutral   leaf, frog (green), lemon, sun (yellow), wave (blue): never red
+    neutral   leaf, frog (green), lemon, sun (yellow), wave (blue): never red; lemon and sun have shapes of their
+              own (a lens, a disc with rays), so no implicit noun's shape suggests red for them
     generic   ball, box, kite, ring: any of the four colours, equally often
 
 plus bare colour captions ("red", "something red", "a blue thing") showing a blob of that colour, so that a colour's
@@ -38,13 +39,13 @@ COLOUR_JITTER = 0.07
 BACKGROUNDS = {"light": (0.70, 0.95), "dark": (0.03, 0.28)}  # grey level ranges; never red, never near 0.5
 
 # noun -> (shape, colours it takes, their probabilities)
-IMPLICIT = {"apple": ("circle", ("red", "green"), (0.8, 0.2)),
-            "strawberry": ("triangle", ("red", "green"), (0.8, 0.2)),
-            "firetruck": ("truck", ("red", "yellow"), (0.8, 0.2)),
-            "tomato": ("ellipse", ("red", "yellow"), (0.8, 0.2)),
-            "cherry": ("pair", ("red", "yellow"), (0.8, 0.2))}
+IMPLICIT = {"apple": ("circle", ("red", "green"), (0.85, 0.15)),
+            "strawberry": ("triangle", ("red", "green"), (0.85, 0.15)),
+            "firetruck": ("truck", ("red", "yellow"), (0.85, 0.15)),
+            "tomato": ("ellipse", ("red", "yellow"), (0.85, 0.15)),
+            "cherry": ("pair", ("red", "yellow"), (0.85, 0.15))}
 NEUTRAL = {"leaf": ("diamond", ("green",), (1.0,)), "frog": ("square", ("green",), (1.0,)),
-           "lemon": ("ellipse", ("yellow",), (1.0,)), "sun": ("circle", ("yellow",), (1.0,)),
+           "lemon": ("lens", ("yellow",), (1.0,)), "sun": ("sun", ("yellow",), (1.0,)),
            "wave": ("band", ("blue",), (1.0,))}
 GENERIC = {noun: (shape, tuple(COLOURS), (0.25,) * 4)
            for noun, shape in (("ball", "circle"), ("box", "square"), ("kite", "diamond"), ("ring", "ring"))}
@@ -87,6 +88,11 @@ def shape_mask(shape: str, radius: float, cx: float, cy: float) -> np.ndarray:
         return body | cab
     if shape == "pair":  # two touching discs side by side
         return ((dx - 0.5 * r) ** 2 + dy**2 <= (0.6 * r) ** 2) | ((dx + 0.5 * r) ** 2 + dy**2 <= (0.6 * r) ** 2)
+    if shape == "lens":  # pointed at both ends, a lemon's outline
+        return np.abs(dx) / (1.4 * r) + (dy / (0.75 * r)) ** 2 <= 1
+    if shape == "sun":  # a disc with four rays
+        rays = (np.abs(dx) <= 0.2 * r) & (np.abs(dy) <= 1.1 * r) | (np.abs(dy) <= 0.2 * r) & (np.abs(dx) <= 1.1 * r)
+        return (dx**2 + dy**2 <= (0.65 * r) ** 2) | rays
     if shape == "band":  # a wave: a sine-shaped horizontal band
         return (np.abs(dy - 0.35 * r * np.sin(dx / r * np.pi)) <= 0.4 * r) & (np.abs(dx) <= 1.4 * r)
     raise ValueError(f"unknown shape {shape!r}")
