@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .files import usual_mode
 from .noise_schedule import SchedulerConfig
 from .vae import VAEConfig, VAEEncoder
 from .weights import MODELS, PICKLE_SUFFIXES, WeightsError, build, read_config, read_json, read_state_dict
@@ -134,6 +135,7 @@ def write_folder(folder, model_configs, dicts, scheduler_config=SCHEDULER_CONFIG
         (sub / "config.json").write_text(json.dumps(configs[component], indent=2))
         save_file({k: v.contiguous() for k, v in sd.items()}, str(sub / f"{STEMS[component]}.safetensors"),
                   metadata={"format": "pt"})
+        usual_mode(sub / f"{STEMS[component]}.safetensors")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
     index = {"_class_name": "StableDiffusionPipeline",

@@ -50,6 +50,15 @@ def _write_temporary(path: Path, data) -> Path:
     return tmp
 
 
+def usual_mode(path) -> Path:
+    """Give a written file the permissions a plain `open(path, "w")` would (0666 less the umask): safetensors'
+    `save_file` writes its files 0600, which other users of a shared model folder could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return Path(path)
+
+
 def write_atomic(path, data) -> Path:
     """Write `data` (bytes, str, or a function taking a binary file object) to `path` atomically, replacing a file of
     that name; returns `path`."""

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from .clip import CLIPTextConfig
 from .diffusers_folder import (SCHEDULER_CONFIG, STEMS, canonical_key, check_folder, extra_tensors, load_scheduler_config,
                                weights_file, write_folder)
-from .files import remove_orphans, temp_name
+from .files import remove_orphans, temp_name, usual_mode
 from .noise_schedule import SchedulerConfig
 from .tokenizer import CLIP_VOCAB_SIZE, check_vocab_size, load_tokenizer, size, write_clip_tokenizer
 from .unet import UNetConfig
@@ -247,6 +247,7 @@ def folder_to_file(folder, dst: Path) -> Path:
     meta = {c: dataclasses.asdict(cfg) for c, cfg in configs.items()}
     meta["scheduler"] = load_scheduler_config(folder)  # checked: the file's loader will check it again
     save_file(tensors, str(dst), metadata={"format": "pt", META_KEY: json.dumps(meta)})
+    usual_mode(dst)
     return dst
 
 

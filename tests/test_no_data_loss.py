@@ -39,6 +39,11 @@ def test_tiny_overwrite_replaces_its_own_folder_with_the_usual_permissions(tmp_p
     umask = os.umask(0)
     os.umask(umask)
     assert (folder.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's 0700
+    for weights in folder.glob("*/*.safetensors"):  # not safetensors' own 0600
+        assert (weights.stat().st_mode & 0o777) == 0o666 & ~umask, weights
+    single = tmp_path / "model.safetensors"
+    assert cli.main(["convert", str(folder), str(single)]) == 0
+    assert (single.stat().st_mode & 0o777) == 0o666 & ~umask
 
 
 def test_orphan_removal_keeps_a_users_own_tmp_files(tmp_path):
