@@ -429,3 +429,11 @@ def test_generate_refuses_what_a_method_run_cannot_resume(pipe, rows, tmp_path):
     G.generate(pipe, rows[:1], tmp_path / "own", method=Own(), steps=1, **(METHOD_RUN | {"images_per_prompt": 1}))
     record = json.loads((tmp_path / "own" / "run.json").read_text())["settings"]
     assert record["guidance"] is None and record["method"]["method"]["class"].endswith("<locals>.Own")
+
+
+def test_row_guidance_needs_every_row_to_have_one(pipe, tmp_path):
+    rows = [P.Row(0, 2, "a cat", ("hate",), 1, 9.0), P.Row(1, 3, "a dog", ("hate",), 2, None)]
+    with pytest.raises(ValueError, match=r"^row 1 \(line 3\) has no guidance scale, which guidance 'row' needs$"):
+        G.generate(pipe, rows, tmp_path / "run", safety="max", guidance_scale="row", images_per_prompt=1, batch=1,
+                   steps=2, height=16, width=16, progress=False)
+    assert not (tmp_path / "run" / "run.json").exists()  # refused before the folder records anything

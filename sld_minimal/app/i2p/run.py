@@ -174,19 +174,17 @@ def generate(pipe, rows, folder, safety=None, negative_prompt_baseline=False, im
                               guidance_scale, height, width, name, concept, rows_per_call, record)
     # a run whose safety never acts (every δ ≥ the loop's iterations, or s_g ≤ 1) says so in run.json, beside the
     # compared settings, and (through the pipeline) in one warning line
-    iterations = len(sampler.timesteps)
-    scales = [guidance_scale] if guidance_scale != "row" else [r.guidance_scale for r in rows
-                                                              if r.guidance_scale is not None]
+    # (each distinct s_g's method built once: guidance "row" gives each row its own)
+    scales = [guidance_scale] if guidance_scale != "row" else list(dict.fromkeys(
+        r.guidance_scale for r in rows if r.guidance_scale is not None))
     methods = [method] if method is not None else [build(configs, (), scale) for scale in scales]
-    idle = [never_acts(m, iterations, sampler.timesteps.tolist()) for m in methods]
+    idle = [never_acts(m, len(sampler.timesteps), sampler.timesteps.tolist()) for m in methods]
     idle = idle[0] if idle and all(idle) else None
     if (folder / "run.json").exists():  # another run's folder: say so first (comparing writes nothing)
         open_run(folder, settings, prompts)
-    for row in rows if method is None else ():  # each row's method can be built (guidance "row": its own s_g)
-        scale = row.guidance_scale if guidance_scale == "row" else guidance_scale
-        if scale is None:
-            raise ValueError(f"row {row.id} (line {row.line}) has no guidance scale, which guidance 'row' needs")
-        build(configs, (), scale)
+    if method is None and guidance_scale == "row" and (row := next((r for r in rows if r.guidance_scale is None),
+                                                                   None)):
+        raise ValueError(f"row {row.id} (line {row.line}) has no guidance scale, which guidance 'row' needs")
     open_run(folder, settings, prompts, idle)
     groups = batches(images_per_prompt, batch)
 
