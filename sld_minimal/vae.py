@@ -83,7 +83,7 @@ class Decoder(nn.Module):
                 x = resnet(x)
             if hasattr(block, "upsamplers"):
                 x = block.upsamplers[0].conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 3, 8h, 8w) in about [-1, 1]
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))  # (B, 3, 8h, 8w) in about [-1, 1]
 
 
 class AutoencoderKLDecoder(nn.Module):
