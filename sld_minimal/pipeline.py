@@ -65,12 +65,16 @@ class StableDiffusion:
         (a folder) replace the model's; `ema` loads a single file's EMA UNet. See `loading.load_model`.
         `vae_dtype`: the VAE's own dtype, e.g. torch.float32 with dtype=torch.float16 (the SD 1.x VAE can overflow
         in fp16; its weights are then the fp16 ones, cast up, as diffusers' `upcast_vae` does).
-        fp16 on the CPU (dtype or vae_dtype) is refused before anything is read: PyTorch has no fast CPU fp16 path."""
+        fp16 on the CPU (dtype or vae_dtype) is refused before anything is read: PyTorch has no fast CPU fp16 path.
+        On the CPU it also tunes glibc's malloc for the process (`speedups.keep_freed_memory`; your own `MALLOC_*`
+        settings win)."""
         device = check_device("device", device)  # before any file is read
         dtype = check_dtype("dtype", dtype)
         vae_dtype = None if vae_dtype is None else check_dtype("vae_dtype", vae_dtype)
         if torch.device(device).type == "cpu" and torch.float16 in (dtype, vae_dtype):
             raise ValueError("fp16 is not accelerated on the CPU: use --dtype bf16 or fp32")
+        if torch.device(device).type == "cpu":  # before the load's threads start: one heap for all of them
+            speedups.keep_freed_memory()  # activations reuse memory instead of fresh pages at every call
         model = load_model(path, device, dtype, configs, tokenizer, ema)
         vae = model.vae if vae_dtype is None else model.vae.to(vae_dtype)
         # the CPU speed-ups (`speedups.py`) on the plain modules: the same weights and keys, only faster

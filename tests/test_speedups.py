@@ -1,6 +1,12 @@
 """The speed-ups (`speedups.py`: the small-map convolution path, laid over the plain models where the pipeline is
-built) and the pipeline's other speed options: the VAE's own dtype and the opt-in torch.compile.
+built) and the pipeline's other speed options: the VAE's own dtype, the opt-in torch.compile and glibc's malloc kept
+from returning freed memory (`keep_freed_memory`).
 (Timings are not tested here; `tests/benchmarks/bench.py` measures them.)"""
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -100,3 +106,58 @@ def test_compile_is_opt_in(tiny_ckpt):
     assert pipe.compile(backend="eager") is pipe
     assert type(pipe.unet).__name__ == "OptimizedModule" and pipe.device.type == "cpu"
     assert rel_err(pipe("a photo of the cat", **kw).images, eager) <= TOL
+
+
+# a process that allocates ten 8 MiB blocks and frees them, five times after a warm-up, printing its minor page
+# faults; argv[1] "keep": after speedups.keep_freed_memory(), whose result it prints first
+CYCLES = """
+import resource, sys, torch
+from sld_minimal import speedups
+print(speedups.keep_freed_memory() if sys.argv[1] == "keep" else None)
+def cycle():
+    blocks = [torch.ones(8 << 20, dtype=torch.uint8) for _ in range(10)]
+    del blocks
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _cycles(mode, **env):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"} | env
+    run = subprocess.run([sys.executable, "-c", CYCLES, mode], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    kept, faults = run.stdout.split()
+    return kept, int(faults)
+
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def test_keep_freed_memory_reuses_freed_blocks_instead_of_faulting_fresh_pages():
+    """With glibc, 80 MiB of freed blocks stay with the process and serve the next allocations without page
+    faults, where by default glibc trims the free memory above twice its threshold (here 8 MiB) from the heap
+    and the next allocations fault those pages in afresh."""
+    _, default = _cycles("plain")
+    kept, faults = _cycles("keep")
+    assert kept == str(GLIBC)
+    if GLIBC:
+        assert default > 0 and faults * 4 <= default, (faults, default)
+
+
+def test_keep_freed_memory_leaves_the_users_malloc_settings_alone():
+    _, default = _cycles("plain")
+    for env in ({"MALLOC_TRIM_THRESHOLD_": "131072"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}):
+        kept, faults = _cycles("keep", **env)
+        assert kept == "False"
+        if GLIBC:
+            assert faults * 4 > default, (env, faults, default)
+
+
+def test_a_cpu_pipeline_keeps_freed_memory(tiny_ckpt, monkeypatch):
+    calls = []
+    monkeypatch.setattr(speedups, "keep_freed_memory", lambda: calls.append(1))
+    StableDiffusion.from_pretrained(tiny_ckpt)
+    assert calls == [1]
