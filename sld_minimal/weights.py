@@ -8,6 +8,7 @@ Modules are built on the `meta` device (no memory, no init) and receive the file
 import contextlib
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -109,51 +110,79 @@ def read_tensors(path: Path, names: dict, device, dtype=None) -> dict:
     allocator (64-byte aligned on the CPU), and results depend on the weights' values only. Plain reads: one copy,
     and no file mapping left in RSS. Most of the time goes to the kernel handing out and zeroing fresh pages (about
     2 µs per 4 KiB page on a 2-core EPYC: 2 s for SD 1.4), which it does in parallel for parallel readers, so the
-    file is read in `CHUNK`-byte pieces by torch's number of threads (docs/performance.md has the figures)."""
+    tensors are read in batches of about `BATCH` bytes, each in `CHUNK`-byte pieces by torch's number of threads;
+    a batch is cast (if `dtype` or `device` asks for it) before the next is read (docs/performance.md)."""
     with open(path, "rb", buffering=0) as fh:
         n = int.from_bytes(fh.read(8), "little")  # safetensors: u64 header size, JSON header, then the data
         header, base = json.loads(fh.read(n)), 8 + n
-        raws, pieces = {}, []
-        for name, key in names.items():
-            info = header[key]
+        infos = {name: header[key] for name, key in names.items()}  # dtype, shape, data_offsets
+        for name, info in infos.items():
             if info["dtype"] not in DTYPES:
-                raise WeightsError(f"{path}: key {key!r} has dtype {info['dtype']}, which is not supported")
-            # a cast would silently turn quantized or wrong data into weights
-            if not DTYPES[info["dtype"]].is_floating_point:
-                raise WeightsError(f"{path}: key {key!r} holds {info['dtype']} integers; SD 1.x weights are floating "
-                                   f"point — this is not an SD 1.x checkpoint (or a quantized one, not supported)")
-            begin, end = info["data_offsets"]
-            raws[name] = raw = torch.empty(end - begin, dtype=torch.uint8)
-            view = memoryview(raw.numpy())
-            pieces += [(base + begin + i, view[i:i + CHUNK]) for i in range(0, end - begin, CHUNK)]
-        pieces.sort(key=lambda piece: piece[0])  # in file order
+                raise WeightsError(f"{path}: key {names[name]!r} has dtype {info['dtype']}, which is not supported")
+            if not DTYPES[info["dtype"]].is_floating_point:  # a cast would silently turn wrong data into weights
+                raise WeightsError(f"{path}: key {names[name]!r} holds {info['dtype']} integers; SD 1.x weights are "
+                                   f"floating point — this is not an SD 1.x checkpoint (or a quantized one, not "
+                                   f"supported)")
+        state = {}
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            for done in pool.map(lambda piece: _read_exactly(fh.fileno(), *piece), pieces):
-                if not done:
+            for batch in _batches(sorted(infos, key=lambda name: _begin(infos[name])), lambda name: _size(infos[name])):
+                raws = {name: torch.empty(_size(infos[name]), dtype=torch.uint8) for name in batch}
+                pieces = [(fh, base + _begin(infos[name]) + i, memoryview(raw.numpy())[i:i + CHUNK])
+                          for name, raw in raws.items() for i in range(0, len(raw), CHUNK)]
+                if not all(pool.map(lambda piece: _read_exactly(*piece), pieces)):
                     raise WeightsError(f"{path} ends before its tensors do; it is truncated — delete it and "
                                        f"download again")
-        state = {}
-        for name, raw in raws.items():
-            info = header[names[name]]
-            tensor = raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
-            # any NaN/inf makes the sum non-finite (a fast pass); only then is the exact, slower test needed, as a
-            # sum of finite values may overflow too
-            if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-                raise WeightsError(f"{path}: key {names[name]!r} contains NaN or infinite values; the file is "
-                                   f"damaged — download it again")
-            # .to() returns the tensor itself when nothing changes, else a fresh (aligned) copy
-            state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                for name, raw in raws.items():
+                    tensor = raw.view(DTYPES[infos[name]["dtype"]]).reshape(infos[name]["shape"])
+                    # any NaN/inf makes the sum non-finite (a fast pass); only then is the exact, slower test
+                    # needed, as a sum of finite values may overflow too
+                    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+                        raise WeightsError(f"{path}: key {names[name]!r} contains NaN or infinite values; the file "
+                                           f"is damaged — download it again")
+                    # .to() returns the tensor itself when nothing changes, else a fresh (aligned) copy
+                    state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
         return state
 
 
-CHUNK = 16 << 20  # bytes per read
+CHUNK, BATCH = 16 << 20, 256 << 20  # bytes per read; bytes read before they are cast
 
 
-def _read_exactly(fd: int, offset: int, into: memoryview) -> bool:
+def _begin(info: dict) -> int:
+    """Where a tensor's bytes start in the data section (a header entry's `data_offsets`)."""
+    return info["data_offsets"][0]
+
+
+def _size(info: dict) -> int:
+    """How many bytes a tensor has in the file."""
+    begin, end = info["data_offsets"]
+    return end - begin
+
+
+def _batches(names: list, size) -> list:
+    """`names` in runs of consecutive entries of about `BATCH` bytes together (`size(name)` each)."""
+    batches, total = [[]], 0
+    for name in names:
+        if batches[-1] and total + size(name) > BATCH:
+            batches.append([])
+            total = 0
+        batches[-1].append(name)
+        total += size(name)
+    return [batch for batch in batches if batch]
+
+
+_SEEK = threading.Lock()  # where the OS has no positional read (Windows), one reader at a time: seek, then read
+
+
+def _read_exactly(fh, offset: int, into: memoryview) -> bool:
     """Fill `into` with the file's bytes from `offset` on; False if the file ends first."""
     done = 0
     while done < len(into):  # one read may return less
-        got = os.preadv(fd, [into[done:]], offset + done)
+        if hasattr(os, "preadv"):
+            got = os.preadv(fh.fileno(), [into[done:]], offset + done)
+        else:
+            with _SEEK:
+                fh.seek(offset + done)
+                got = fh.readinto(into[done:])
         if not got:
             return False
         done += got
