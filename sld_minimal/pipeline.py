@@ -66,8 +66,8 @@ class StableDiffusion:
         `vae_dtype`: the VAE's own dtype, e.g. torch.float32 with dtype=torch.float16 (the SD 1.x VAE can overflow
         in fp16; its weights are then the fp16 ones, cast up, as diffusers' `upcast_vae` does).
         fp16 on the CPU (dtype or vae_dtype) is refused before anything is read: PyTorch has no fast CPU fp16 path.
-        On the CPU it also tunes glibc's malloc for the process (`speedups.keep_freed_memory`; your own `MALLOC_*`
-        settings win)."""
+        On the CPU it also tunes glibc's malloc for the process (`speedups.keep_freed_memory`), unless the environment
+        sets glibc's malloc tuning (`speedups.MALLOC_VARIABLES`, `GLIBC_TUNABLES`)."""
         device = check_device("device", device)  # before any file is read
         dtype = check_dtype("dtype", dtype)
         vae_dtype = None if vae_dtype is None else check_dtype("vae_dtype", vae_dtype)

@@ -83,12 +83,12 @@ def keep_freed_memory() -> bool:
     to 1 GiB, and all threads share one heap, so a block freed by one serves the next allocation of any. Call it
     before the threads that allocate start (`from_pretrained` does, before loading). SD 1.4, 256 px, 3 PNDM steps
     with SLD on a 2-core EPYC: 3.5 million page faults in the generation without it, 0.35 million with it; peak RSS
-    4.36 and 4.54 GiB (docs/performance.md). It applies to the whole process and changes no result; where
-    `MALLOC_*` variables or `GLIBC_TUNABLES=glibc.malloc.…` are set, they decide."""
+    4.36 and 4.47–4.54 GiB (docs/performance.md). It applies to the whole process and changes no result; where
+    one of `MALLOC_VARIABLES` or `GLIBC_TUNABLES=glibc.malloc.…` is set, the environment decides."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     if any(v in os.environ for v in MALLOC_VARIABLES) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     mallopt = ctypes.CDLL(None).mallopt
-    return all([mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD), mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-                mallopt(M_ARENA_MAX, ARENA_MAX)])
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                and mallopt(M_ARENA_MAX, ARENA_MAX))

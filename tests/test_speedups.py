@@ -108,11 +108,14 @@ def test_compile_is_opt_in(tiny_ckpt):
     assert rel_err(pipe("a photo of the cat", **kw).images, eager) <= TOL
 
 
-# a process that allocates ten 8 MiB blocks and frees them, five times after a warm-up, printing its minor page
-# faults; argv[1] "keep": after speedups.keep_freed_memory(), whose result it prints first
+# a process (without transparent huge pages) that allocates ten 8 MiB blocks and frees them, five times after a
+# warm-up, printing its minor page faults; argv[1] "keep": after speedups.keep_freed_memory(), whose result it
+# prints first
 CYCLES = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from sld_minimal import speedups
+if sys.platform == "linux":  # PR_SET_THP_DISABLE: 4 KiB pages whatever the machine's THP setting
+    ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)
 print(speedups.keep_freed_memory() if sys.argv[1] == "keep" else None)
 def cycle():
     blocks = [torch.ones(8 << 20, dtype=torch.uint8) for _ in range(10)]
@@ -126,7 +129,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _cycles(mode, **env):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"} | env
+    env = {k: v for k, v in os.environ.items()  # glibc's own malloc, untuned, unless the test says otherwise
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")} | env
     run = subprocess.run([sys.executable, "-c", CYCLES, mode], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     kept, faults = run.stdout.split()
